@@ -1,0 +1,88 @@
+package wire
+
+import "time"
+
+// TxStatus is a session's transaction status as last reported by ReadyForQuery.
+type TxStatus byte
+
+// Transaction statuses, as the server reports them in ReadyForQuery.
+const (
+	TxUnknown TxStatus = 0   // no ReadyForQuery seen yet
+	TxIdle    TxStatus = 'I' // not in a transaction block
+	TxInBlock TxStatus = 'T' // in a transaction block
+	TxFailed  TxStatus = 'E' // in a failed transaction block
+)
+
+// String returns the status as a word for logs.
+func (t TxStatus) String() string {
+	switch t {
+	case TxIdle:
+		return "idle"
+	case TxInBlock:
+		return "in_transaction"
+	case TxFailed:
+		return "failed_transaction"
+	default:
+		return "unknown"
+	}
+}
+
+// SessionInfo describes one relayed session. It never holds a password.
+type SessionInfo struct {
+	ID              uint64
+	ClientAddr      string
+	User            string
+	Database        string
+	ApplicationName string
+	Upstream        string
+	Start           time.Time
+}
+
+// SessionEnd is reported once when a session closes.
+type SessionEnd struct {
+	SessionInfo
+	Duration      time.Duration
+	BytesIn       int64 // bytes from the client to the upstream
+	BytesOut      int64 // bytes from the upstream to the client
+	Reason        string
+	ProtocolError bool // the session ended because a peer broke the protocol
+}
+
+// ReadOnlyViolation is reported when the upstream refuses a statement because it is
+// read-only: SQLSTATE 25006, or 0A000 for SET TRANSACTION READ WRITE during recovery.
+// It is delivered before the ErrorResponse reaches the client.
+type ReadOnlyViolation struct {
+	SessionID uint64
+	Time      time.Time
+	Code      string
+	Message   string
+	TxStatus  TxStatus // the status before the failing statement
+	// TraceID is the W3C trace id of the latest statement on this session that carried a
+	// sqlcommenter-style traceparent comment, or "" if none did.
+	TraceID string
+}
+
+// WriteCommitted is reported when a session's transaction that wrote (INSERT, UPDATE,
+// DELETE, MERGE, COPY FROM, DDL and friends) has committed: ReadyForQuery idle followed it.
+type WriteCommitted struct {
+	SessionID uint64
+	Time      time.Time
+}
+
+// Observer receives a relay's events. Its methods are called from session goroutines,
+// synchronously: they must be quick and safe for concurrent use. ReadOnly is called before
+// the error is forwarded, so its effects are visible before the client can react.
+type Observer interface {
+	SessionOpened(SessionInfo)
+	SessionClosed(SessionEnd)
+	ReadOnly(ReadOnlyViolation)
+	WriteCommitted(WriteCommitted)
+}
+
+// NopObserver ignores every event.
+type NopObserver struct{}
+
+func (NopObserver) SessionOpened(SessionInfo)     {}
+func (NopObserver) SessionClosed(SessionEnd)      {}
+func (NopObserver) ReadOnly(ReadOnlyViolation)    {}
+func (NopObserver) WriteCommitted(WriteCommitted) {}

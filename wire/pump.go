@@ -1,0 +1,175 @@
+package wire
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+)
+
+// headerLen is the size of a message header: a type byte and a 4-byte length that counts
+// itself but not the type byte.
+const headerLen = 5
+
+// DefaultBufferSize is the per-direction buffer a session holds for its whole life.
+const DefaultBufferSize = 8 << 10
+
+// inspectFunc looks at one message before it is forwarded. msg is the whole message, header
+// included, when whole is true; otherwise it is the header and a prefix of the body (the
+// message was too large to buffer and its type does not need its body). msg is only valid
+// during the call. A non-nil replacement is forwarded instead of msg. An error ends the pump
+// before msg or anything after it is forwarded.
+type inspectFunc func(typ byte, msg []byte, whole bool) (replacement []byte, err error)
+
+// pump copies the messages of one direction of a session from src to dst.
+//
+// It peeks each 5-byte header, forwards raw bytes, and writes every complete message it has
+// buffered in one Write. Only types marked in watch are passed to inspect, and only types in
+// needBody are ever read whole when larger than the buffer; everything else larger than the
+// buffer is streamed through without being held.
+type pump struct {
+	src      io.Reader
+	dst      io.Writer
+	buf      []byte // owned by the pump for its whole life
+	max      int    // largest accepted value of a message's length field
+	watch    *[256]bool
+	needBody *[256]bool
+	inspect  inspectFunc
+
+	// Written by run, read by the session after run has returned.
+	n          int64 // bytes written to dst
+	midMessage bool  // dst has received part of a message and not its end
+}
+
+// protocolError is a peer's breach of the message framing.
+type protocolError struct{ msg string }
+
+func (e *protocolError) Error() string { return e.msg }
+
+// run forwards messages until src or dst fails or inspect returns an error. It returns io.EOF
+// when src ended cleanly between messages and io.ErrUnexpectedEOF when it ended inside one.
+func (p *pump) run() error {
+	r, w := 0, 0 // p.buf[r:w] has been read and not yet forwarded
+	for {
+		pos := r
+		for w-pos >= headerLen {
+			typ := p.buf[pos]
+			n := int(binary.BigEndian.Uint32(p.buf[pos+1:]))
+			if n < 4 || n > p.max {
+				if err := p.write(p.buf[r:pos]); err != nil {
+					return err
+				}
+				return &protocolError{fmt.Sprintf("invalid message length %d for message type %q (limit %d)", n, typ, p.max)}
+			}
+			end := pos + 1 + n
+			if end > w {
+				if 1+n <= len(p.buf) {
+					break // fits once more is read
+				}
+				if err := p.write(p.buf[r:pos]); err != nil {
+					return err
+				}
+				if err := p.large(typ, pos, w, 1+n); err != nil {
+					return err
+				}
+				r, w, pos = 0, 0, 0
+				continue
+			}
+			if p.watch[typ] {
+				repl, err := p.inspect(typ, p.buf[pos:end], true)
+				if err != nil {
+					if werr := p.write(p.buf[r:pos]); werr != nil {
+						return werr
+					}
+					return err
+				}
+				if repl != nil {
+					if err := p.write(p.buf[r:pos]); err != nil {
+						return err
+					}
+					if err := p.write(repl); err != nil {
+						return err
+					}
+					r = end
+				}
+			}
+			pos = end
+		}
+		if err := p.write(p.buf[r:pos]); err != nil {
+			return err
+		}
+		r = pos
+		if r > 0 { // keep the unfinished message at the front, so the buffer has room
+			w = copy(p.buf, p.buf[r:w])
+			r = 0
+		}
+		nr, err := p.src.Read(p.buf[w:])
+		w += nr
+		if err != nil && nr == 0 {
+			if err == io.EOF && r < w {
+				return io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+}
+
+// large forwards a message of size bytes that does not fit in the buffer. Its first
+// p.buf[pos:w] bytes are buffered and nothing before them is pending.
+func (p *pump) large(typ byte, pos, w, size int) error {
+	head := p.buf[pos:w]
+	if p.watch[typ] && p.needBody[typ] {
+		msg := make([]byte, size) // bounded by p.max, and only for rare message types
+		copy(msg, head)
+		if _, err := io.ReadFull(p.src, msg[len(head):]); err != nil {
+			return unexpected(err)
+		}
+		repl, err := p.inspect(typ, msg, true)
+		if err != nil {
+			return err
+		}
+		if repl != nil {
+			msg = repl
+		}
+		return p.write(msg)
+	}
+	if p.watch[typ] {
+		if _, err := p.inspect(typ, head, false); err != nil {
+			return err
+		}
+	}
+	if err := p.write(head); err != nil {
+		return err
+	}
+	p.midMessage = true
+	rest := int64(size - len(head))
+	n, err := io.CopyBuffer(writerOnly{p.dst}, io.LimitReader(p.src, rest), p.buf)
+	p.n += n
+	if err != nil {
+		return err
+	}
+	if n < rest {
+		return io.ErrUnexpectedEOF
+	}
+	p.midMessage = false
+	return nil
+}
+
+func (p *pump) write(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	n, err := p.dst.Write(b)
+	p.n += int64(n)
+	return err
+}
+
+// writerOnly hides a writer's ReadFrom so that io.CopyBuffer uses the pump's buffer instead
+// of allocating one; the byte count stays exact.
+type writerOnly struct{ io.Writer }
+
+func unexpected(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}

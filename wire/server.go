@@ -1,0 +1,289 @@
+package wire
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Defaults for Config.
+const (
+	DefaultMaxMessageSize = 1<<30 - 1 // the server's own limit for a message (MaxAllocSize)
+	DefaultDialTimeout    = 5 * time.Second
+	DefaultStartupTimeout = 60 * time.Second // as the server's authentication_timeout
+)
+
+// Config tells a Server where to listen and where to relay.
+type Config struct {
+	// Listen is the address clients connect to, e.g. "127.0.0.1:5432".
+	Listen string
+	// Upstream is the Postgres URL (or keyword/value string) sessions are relayed to. Only
+	// its hosts, ports and TLS settings (sslmode, sslrootcert, ...) are used.
+	Upstream string
+	// TLS, when set, lets clients upgrade with SSLRequest; otherwise they are answered 'N'.
+	TLS *tls.Config
+	// MaxMessageSize bounds the length field of any message, in either direction.
+	MaxMessageSize int
+	// DialTimeout bounds connecting to the upstream, TLS included, unless the upstream URL
+	// sets connect_timeout.
+	DialTimeout time.Duration
+	// StartupTimeout bounds how long a client may take to send its startup packet.
+	StartupTimeout time.Duration
+}
+
+// Server relays Postgres sessions. Create it with NewServer, then Listen and Serve.
+type Server struct {
+	cfg      Config
+	upstream *upstream
+	obs      Observer
+	log      *zap.Logger
+	watchIn  [256]bool // client message types the relay acts on
+	watchOut [256]bool // server message types the relay acts on
+	needBody [256]bool
+
+	ln     net.Listener
+	nextID atomic.Uint64
+	wg     sync.WaitGroup // one per live session and per cancel forward
+
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	keys     map[string]*session // cancel key (pid and secret) to its live session
+	closing  bool
+	closed   chan struct{} // closed by Shutdown and Close
+}
+
+// NewServer checks cfg and returns a Server that is not yet listening.
+func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
+	if cfg.MaxMessageSize == 0 {
+		cfg.MaxMessageSize = DefaultMaxMessageSize
+	}
+	if cfg.MaxMessageSize < 1024 {
+		return nil, fmt.Errorf("max message size %d is too small (minimum 1024)", cfg.MaxMessageSize)
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.StartupTimeout == 0 {
+		cfg.StartupTimeout = DefaultStartupTimeout
+	}
+	if cfg.Upstream == "" {
+		return nil, errors.New("upstream is required")
+	}
+	up, err := parseUpstream(cfg.Upstream, cfg.DialTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	if obs == nil {
+		obs = NopObserver{}
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	s := &Server{
+		cfg:      cfg,
+		upstream: up,
+		obs:      obs,
+		log:      log,
+		sessions: make(map[*session]struct{}),
+		keys:     make(map[string]*session),
+		closed:   make(chan struct{}),
+	}
+	for _, t := range []byte{'Q', 'P', 'S', 'F', 'E', 'X'} {
+		s.watchIn[t] = true
+	}
+	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H'} {
+		s.watchOut[t] = true
+		s.needBody[t] = true
+	}
+	return s, nil
+}
+
+// Listen binds the listening socket, so that Addr reports the port when Listen is ":0".
+func (s *Server) Listen() error {
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", s.cfg.Listen, err)
+	}
+	s.ln = ln
+	return nil
+}
+
+// Addr is the address the server listens on; nil before Listen.
+func (s *Server) Addr() net.Addr {
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
+
+// Upstream names the upstream sessions are relayed to (host:port).
+func (s *Server) Upstream() string { return s.upstream.name }
+
+// Serve accepts connections until Shutdown or Close; it then returns nil.
+func (s *Server) Serve() error {
+	if s.ln == nil {
+		if err := s.Listen(); err != nil {
+			return err
+		}
+	}
+	s.log.Info("listening", zap.String("addr", s.ln.Addr().String()), zap.String("upstream", s.upstream.name))
+	var backoff time.Duration
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			select {
+			case <-s.closed:
+				return nil
+			default:
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed, retrying", zap.Error(err), zap.Duration("backoff", backoff))
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		backoff = 0
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.handle(c)
+		}()
+	}
+}
+
+// Shutdown stops accepting connections and waits for open sessions to end on their own.
+// When ctx is done first, it closes the remaining sessions (each client that is between
+// messages gets a FATAL 57P01) and returns ctx.Err().
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.stopAccepting()
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.closeSessions()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close stops accepting and closes every session at once. It is idempotent.
+func (s *Server) Close() error {
+	err := s.stopAccepting()
+	s.closeSessions()
+	s.wg.Wait()
+	return err
+}
+
+// OpenSessions is the number of sessions being relayed.
+func (s *Server) OpenSessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+func (s *Server) stopAccepting() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return nil
+	}
+	s.closing = true
+	close(s.closed)
+	if s.ln == nil {
+		return nil
+	}
+	if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
+	}
+	return nil
+}
+
+func (s *Server) closeSessions() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ss := range s.sessions {
+		ss.stop(errShutdown)
+	}
+}
+
+// register adds a session that has connected upstream; it fails once the server is closing.
+func (s *Server) register(ss *session) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.sessions[ss] = struct{}{}
+	return true
+}
+
+func (s *Server) unregister(ss *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.sessions, ss)
+	if ss.cancelKey != "" && s.keys[ss.cancelKey] == ss {
+		delete(s.keys, ss.cancelKey)
+	}
+}
+
+func (s *Server) setCancelKey(ss *session, key string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ss.cancelKey != "" && s.keys[ss.cancelKey] == ss {
+		delete(s.keys, ss.cancelKey)
+	}
+	ss.cancelKey = key
+	s.keys[key] = ss
+}
+
+// forwardCancel relays a client's CancelRequest to the upstream, but only when its key
+// belongs to a session that is live now: a stale or guessed key goes nowhere.
+func (s *Server) forwardCancel(raw []byte, from string) {
+	key := string(raw[8:])
+	s.mu.Lock()
+	ss := s.keys[key]
+	s.mu.Unlock()
+	if ss == nil {
+		s.log.Debug("cancel request ignored: no live session has that key", zap.String("client", from))
+		return
+	}
+	s.log.Debug("cancel request forwarded", zap.Uint64("session", ss.info.ID), zap.String("client", from))
+	if err := s.sendCancel(raw); err != nil {
+		s.log.Warn("cancel request failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
+	}
+}
+
+// sendCancel opens a new upstream connection and sends it the CancelRequest packet raw.
+func (s *Server) sendCancel(raw []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
+	defer cancel()
+	c, err := s.upstream.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(s.cfg.DialTimeout))
+	if _, err := c.Write(raw); err != nil {
+		return err
+	}
+	// The server closes the connection once it has read the request; waiting for that
+	// keeps the cancel from racing the caller's next step.
+	var b [1]byte
+	c.Read(b[:])
+	return nil
+}

@@ -1,0 +1,512 @@
+package wire
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+)
+
+var (
+	errTooManyFiles = syscall.EMFILE
+	errShutdown     = errors.New("pgfly is shutting down")
+	errStopped      = errors.New("session stopped")
+)
+
+// session is one client connection and its upstream connection.
+type session struct {
+	srv       *Server
+	info      SessionInfo
+	client    net.Conn
+	upstream  net.Conn
+	cancelKey string // guarded by srv.mu
+	startup   []byte // the client's StartupMessage, forwarded raw
+
+	// Shared between the two copy goroutines.
+	pending    atomic.Int32 // ReadyForQuery messages the client is owed
+	unsynced   atomic.Bool  // an Execute was sent and no Sync after it
+	txStatus   atomic.Uint32
+	terminated atomic.Bool // the client sent Terminate
+
+	// Owned by the server-to-client goroutine.
+	wrote       bool // the current transaction wrote
+	copyIn      bool // a COPY FROM STDIN is running
+	serverFatal bool // the server sent a FATAL or PANIC error
+
+	traceMu sync.Mutex
+	traceID [32]byte // hex trace id of the latest statement that carried one
+	hasTrac bool
+
+	stopOnce  sync.Once
+	stopCause error
+}
+
+func (s *Server) handle(c net.Conn) {
+	start := time.Now()
+	ss := &session{srv: s, client: c}
+	ss.info.ClientAddr = c.RemoteAddr().String()
+	ss.info.Start = start
+	ss.info.Upstream = s.upstream.name
+	defer c.Close()
+
+	c.SetDeadline(start.Add(s.cfg.StartupTimeout))
+	if err := ss.negotiate(); err != nil {
+		ss.rejectStartup(err)
+		return
+	}
+	c.SetDeadline(time.Time{})
+	if ss.startup == nil { // a cancel request, already handled
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
+	up, err := s.upstream.dial(ctx)
+	cancel()
+	if err != nil {
+		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
+			zap.String("upstream", s.upstream.name), zap.Error(err))
+		c.Write(errorMessage("FATAL", codeConnectionFailure,
+			fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)))
+		return
+	}
+	ss.upstream = up
+	defer up.Close()
+	if !s.register(ss) {
+		c.Write(errorMessage("FATAL", codeCannotConnectNow, "pgfly is shutting down"))
+		return
+	}
+	defer s.unregister(ss)
+
+	ss.info.ID = s.nextID.Add(1)
+	s.log.Info("session opened", zap.Uint64("session", ss.info.ID), zap.String("client", ss.info.ClientAddr),
+		zap.String("user", ss.info.User), zap.String("database", ss.info.Database),
+		zap.String("application_name", ss.info.ApplicationName), zap.String("upstream", ss.info.Upstream))
+	s.obs.SessionOpened(ss.info)
+
+	end := ss.relay()
+	end.SessionInfo = ss.info
+	end.Duration = time.Since(start)
+	s.log.Info("session closed", zap.Uint64("session", ss.info.ID), zap.String("client", ss.info.ClientAddr),
+		zap.String("user", ss.info.User), zap.String("database", ss.info.Database),
+		zap.String("upstream", ss.info.Upstream), zap.Duration("duration", end.Duration),
+		zap.Int64("bytes_in", end.BytesIn), zap.Int64("bytes_out", end.BytesOut),
+		zap.String("reason", end.Reason))
+	s.obs.SessionClosed(end)
+}
+
+// negotiate reads startup packets until the StartupMessage, answering SSLRequest and
+// GSSENCRequest and forwarding a CancelRequest.
+func (ss *session) negotiate() error {
+	for range 4 { // at most SSL, GSS, then the startup message; more is a confused client
+		p, err := readStartup(ss.client)
+		if err != nil {
+			return err
+		}
+		switch {
+		case p.code == codeSSL:
+			_, isTLS := ss.client.(*tls.Conn)
+			if ss.srv.cfg.TLS == nil || isTLS {
+				if _, err := ss.client.Write([]byte{'N'}); err != nil {
+					return err
+				}
+				continue
+			}
+			if _, err := ss.client.Write([]byte{'S'}); err != nil {
+				return err
+			}
+			tc := tls.Server(ss.client, ss.srv.cfg.TLS)
+			if err := tc.Handshake(); err != nil {
+				return fmt.Errorf("tls handshake: %w", err)
+			}
+			ss.client = tc
+		case p.code == codeGSSEnc:
+			if _, err := ss.client.Write([]byte{'N'}); err != nil {
+				return err
+			}
+		case p.code == codeCancel:
+			if len(p.raw) < 16 {
+				return &protocolError{"invalid length of cancel request packet"}
+			}
+			ss.srv.forwardCancel(p.raw, ss.info.ClientAddr)
+			return nil
+		case p.code>>16 == protoMajor3:
+			params, err := startupParams(p.raw)
+			if err != nil {
+				return err
+			}
+			ss.startup = p.raw
+			ss.info.User = params["user"]
+			ss.info.Database = params["database"]
+			if ss.info.Database == "" {
+				ss.info.Database = ss.info.User
+			}
+			ss.info.ApplicationName = params["application_name"]
+			return nil
+		default:
+			return &unsupportedProtocolError{p.code}
+		}
+	}
+	return &protocolError{"too many startup packets"}
+}
+
+type unsupportedProtocolError struct{ version uint32 }
+
+func (e *unsupportedProtocolError) Error() string {
+	return fmt.Sprintf("unsupported frontend protocol %d.%d: pgfly supports 3.x", e.version>>16, e.version&0xffff)
+}
+
+// rejectStartup tells the client why its startup failed, where the protocol allows it.
+func (ss *session) rejectStartup(err error) {
+	var pe *protocolError
+	var ue *unsupportedProtocolError
+	switch {
+	case errors.As(err, &pe):
+		ss.srv.log.Warn("bad startup packet", zap.String("client", ss.info.ClientAddr), zap.Error(err))
+		ss.client.Write(errorMessage("FATAL", codeProtocolViolation, pe.msg))
+	case errors.As(err, &ue):
+		ss.srv.log.Warn("bad startup packet", zap.String("client", ss.info.ClientAddr), zap.Error(err))
+		ss.client.Write(errorMessage("FATAL", codeFeatureUnsupported, ue.Error()))
+	case errors.Is(err, io.EOF):
+		// A port probe or health check: nothing to say.
+	default:
+		ss.srv.log.Debug("startup failed", zap.String("client", ss.info.ClientAddr), zap.Error(err))
+	}
+}
+
+// relay runs the two copy goroutines until one ends, stops the other, and then decides what
+// the client is told and whether the upstream's running query must be cancelled.
+func (ss *session) relay() SessionEnd {
+	ss.pending.Store(1) // the ReadyForQuery that ends startup
+	if _, err := ss.upstream.Write(ss.startup); err != nil {
+		ss.client.Write(errorMessage("FATAL", codeConnectionFailure,
+			fmt.Sprintf("pgfly lost upstream %s: %v", ss.srv.upstream.name, err)))
+		return SessionEnd{Reason: "upstream write failed: " + err.Error()}
+	}
+	in := &pump{src: ss.client, dst: ss.upstream, buf: make([]byte, DefaultBufferSize),
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.needBody, inspect: ss.inspectClient}
+	out := &pump{src: ss.upstream, dst: ss.client, buf: make([]byte, DefaultBufferSize),
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, needBody: &ss.srv.needBody, inspect: ss.inspectServer}
+	in.n = int64(len(ss.startup))
+
+	type result struct {
+		fromClient bool
+		err        error
+	}
+	done := make(chan result, 2)
+	go func() { done <- result{true, in.run()} }()
+	go func() { done <- result{false, out.run()} }()
+	first := <-done
+	ss.stop(nil) // unblock the other reader; the connections stay writable
+	<-done
+
+	// stop has returned, so stopCause is settled; both pumps have returned, so this goroutine
+	// is the only writer left.
+	end := SessionEnd{BytesIn: in.n, BytesOut: out.n}
+	tell := func(code, msg string) {
+		if !out.midMessage {
+			ss.client.SetWriteDeadline(time.Now().Add(time.Second))
+			ss.client.Write(errorMessage("FATAL", code, msg))
+		}
+	}
+	var pe *protocolError
+	switch {
+	case ss.stopCause == errShutdown:
+		end.Reason = "shutdown"
+		tell(codeAdminShutdown, "terminating connection because pgfly is shutting down")
+	case ss.terminated.Load():
+		end.Reason = "client terminated"
+	case first.fromClient && errors.As(first.err, &pe):
+		end.Reason, end.ProtocolError = "client protocol violation: "+pe.msg, true
+		ss.srv.log.Warn("client protocol violation", zap.Uint64("session", ss.info.ID), zap.Error(first.err))
+		tell(codeProtocolViolation, "pgfly: "+pe.msg)
+		ss.cancelIfBusy()
+	case first.fromClient:
+		end.Reason = "client disconnected"
+		if first.err == io.ErrUnexpectedEOF {
+			end.Reason = "client disconnected mid-message"
+		}
+		ss.cancelIfBusy()
+	case errors.As(first.err, &pe):
+		end.Reason, end.ProtocolError = "upstream protocol violation: "+pe.msg, true
+		ss.srv.log.Error("upstream protocol violation", zap.Uint64("session", ss.info.ID), zap.Error(first.err))
+		tell(codeProtocolViolation, "pgfly: upstream sent an invalid message: "+pe.msg)
+	case errors.Is(first.err, io.EOF) && ss.serverFatal:
+		end.Reason = "upstream closed the session"
+	default:
+		end.Reason = "upstream connection lost"
+		if first.err != nil && !errors.Is(first.err, io.EOF) {
+			end.Reason += ": " + first.err.Error()
+		}
+		if !ss.serverFatal {
+			tell(codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name))
+		}
+	}
+	return end
+}
+
+// stop makes both copy goroutines return soon: it expires their read deadlines, which keeps
+// the connections writable for a last error message. The first cause wins.
+func (ss *session) stop(cause error) {
+	ss.stopOnce.Do(func() {
+		ss.stopCause = cause
+		past := time.Unix(1, 0)
+		ss.client.SetReadDeadline(past)
+		ss.upstream.SetReadDeadline(past)
+		if cause == errShutdown {
+			// A goroutine blocked writing to a client that reads nothing must end too.
+			ss.client.SetWriteDeadline(time.Now().Add(time.Second))
+		}
+	})
+}
+
+// cancelIfBusy cancels the query the upstream may still be running for a client that is
+// gone, so that no backend goes on working for nobody.
+func (ss *session) cancelIfBusy() {
+	if ss.pending.Load() <= 0 && !ss.unsynced.Load() {
+		return
+	}
+	ss.srv.mu.Lock()
+	key := ss.cancelKey
+	ss.srv.mu.Unlock()
+	if key == "" {
+		return
+	}
+	raw := make([]byte, 8+len(key))
+	binary.BigEndian.PutUint32(raw[0:4], uint32(len(raw)))
+	binary.BigEndian.PutUint32(raw[4:8], codeCancel)
+	copy(raw[8:], key)
+	if err := ss.srv.sendCancel(raw); err != nil {
+		ss.srv.log.Warn("cancel of abandoned query failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
+		return
+	}
+	ss.srv.log.Info("cancelled the query of a client that disconnected", zap.Uint64("session", ss.info.ID))
+}
+
+// inspectClient acts on the client's messages before they are forwarded.
+func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
+	switch typ {
+	case 'Q', 'F':
+		ss.pending.Add(1)
+		if typ == 'Q' && whole {
+			ss.noteTraceID(msg[headerLen:])
+		}
+	case 'P':
+		if whole {
+			ss.noteTraceID(msg[headerLen:])
+		}
+	case 'E':
+		ss.unsynced.Store(true)
+	case 'S':
+		ss.pending.Add(1)
+		ss.unsynced.Store(false)
+	case 'X':
+		ss.terminated.Store(true)
+	}
+	return nil, nil
+}
+
+// inspectServer acts on the server's messages before they are forwarded.
+func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
+	body := msg[headerLen:]
+	switch typ {
+	case 'Z':
+		if len(body) != 1 {
+			return nil, &protocolError{"invalid ReadyForQuery"}
+		}
+		ss.pending.Add(-1)
+		status := TxStatus(body[0])
+		ss.txStatus.Store(uint32(status))
+		switch status {
+		case TxIdle:
+			if ss.wrote {
+				ss.wrote = false
+				ss.srv.obs.WriteCommitted(WriteCommitted{SessionID: ss.info.ID, Time: time.Now()})
+			}
+		}
+	case 'C':
+		ss.noteCommand(body)
+	case 'G':
+		ss.copyIn = true
+	case 'H':
+		ss.copyIn = false
+	case 'E':
+		ss.noteError(body)
+	case 'K':
+		if len(body) < 8 {
+			return nil, &protocolError{"invalid BackendKeyData"}
+		}
+		ss.srv.setCancelKey(ss, string(body))
+	case 'R':
+		return stripChannelBinding(body)
+	}
+	return nil, nil
+}
+
+// noteCommand tracks whether the current transaction wrote, from a CommandComplete tag.
+func (ss *session) noteCommand(body []byte) {
+	tag := body
+	if i := bytes.IndexByte(tag, 0); i >= 0 {
+		tag = tag[:i]
+	}
+	verb := tag
+	if i := bytes.IndexByte(tag, ' '); i >= 0 {
+		verb = tag[:i]
+	}
+	switch string(verb) { // the compiler does not allocate for this conversion
+	case "INSERT", "UPDATE", "DELETE", "MERGE":
+		if !bytes.HasSuffix(tag, []byte(" 0")) {
+			ss.wrote = true
+		}
+	case "COPY":
+		if ss.copyIn {
+			ss.wrote = true
+			ss.copyIn = false
+		}
+	case "CREATE", "ALTER", "DROP", "TRUNCATE", "GRANT", "REVOKE", "COMMENT", "REFRESH",
+		"CLUSTER", "REINDEX", "VACUUM", "CALL", "SECURITY", "IMPORT":
+		ss.wrote = true
+	case "ROLLBACK":
+		ss.wrote = false
+	}
+}
+
+// noteError reports read-only violations and remembers fatal errors.
+func (ss *session) noteError(body []byte) {
+	f := parseError(body)
+	if string(f.severity) == "FATAL" || string(f.severity) == "PANIC" {
+		ss.serverFatal = true
+	}
+	status := TxStatus(ss.txStatus.Load())
+	if status != TxInBlock {
+		ss.wrote = false // an implicit transaction rolled back
+	}
+	if !isReadOnlyViolation(f.code, f.message) {
+		return
+	}
+	ss.srv.obs.ReadOnly(ReadOnlyViolation{
+		SessionID: ss.info.ID,
+		Time:      time.Now(),
+		Code:      string(f.code),
+		Message:   string(f.message),
+		TxStatus:  status,
+		TraceID:   ss.lastTraceID(),
+	})
+}
+
+// errorFields are the fields of an ErrorResponse the relay acts on. They alias the message.
+type errorFields struct {
+	severity, code, message []byte
+}
+
+// parseError reads an ErrorResponse body without allocating. Missing, unknown or
+// unterminated fields are tolerated: whatever could be read is returned.
+func parseError(body []byte) errorFields {
+	var f errorFields
+	for len(body) > 1 && body[0] != 0 {
+		k := body[0]
+		i := bytes.IndexByte(body[1:], 0)
+		if i < 0 {
+			break
+		}
+		v := body[1 : 1+i]
+		body = body[2+i:]
+		switch k {
+		case 'V':
+			f.severity = v
+		case 'S':
+			if f.severity == nil {
+				f.severity = v
+			}
+		case 'C':
+			f.code = v
+		case 'M':
+			f.message = v
+		}
+	}
+	return f
+}
+
+// isReadOnlyViolation tells whether an error means the server refused to write because it is
+// read-only: 25006 in both of its forms ("... in a read-only transaction" and "... during
+// recovery"), and 0A000 for SET TRANSACTION READ WRITE on a standby.
+func isReadOnlyViolation(code, msg []byte) bool {
+	switch string(code) {
+	case codeReadOnlyTransaction:
+		return true
+	case codeFeatureUnsupported:
+		return string(msg) == "cannot set transaction read-write mode during recovery"
+	}
+	return false
+}
+
+// stripChannelBinding removes SCRAM-SHA-256-PLUS from an AuthenticationSASL body: the
+// client's channel is not the upstream's, so a channel-bound proof could never verify.
+// It returns nil when there is nothing to change.
+func stripChannelBinding(body []byte) ([]byte, error) {
+	if len(body) < 4 || binary.BigEndian.Uint32(body) != 10 { // 10: AuthenticationSASL
+		return nil, nil
+	}
+	var sasl pgproto3.AuthenticationSASL
+	if err := sasl.Decode(body); err != nil {
+		return nil, &protocolError{"invalid AuthenticationSASL: " + err.Error()}
+	}
+	kept := sasl.AuthMechanisms[:0]
+	for _, m := range sasl.AuthMechanisms {
+		if m != "SCRAM-SHA-256-PLUS" {
+			kept = append(kept, m)
+		}
+	}
+	if len(kept) == len(sasl.AuthMechanisms) {
+		return nil, nil
+	}
+	sasl.AuthMechanisms = kept
+	return sasl.Encode(nil)
+}
+
+var traceparentKey = []byte("traceparent='00-")
+
+// noteTraceID remembers the trace id of a statement with a sqlcommenter-style comment,
+// /*traceparent='00-<32 hex trace id>-<16 hex span id>-<2 hex flags>'*/.
+func (ss *session) noteTraceID(sql []byte) {
+	i := bytes.Index(sql, traceparentKey)
+	if i < 0 {
+		return
+	}
+	id := sql[i+len(traceparentKey):]
+	if len(id) < 32 || !isLowerHex(id[:32]) {
+		return
+	}
+	ss.traceMu.Lock()
+	copy(ss.traceID[:], id[:32])
+	ss.hasTrac = true
+	ss.traceMu.Unlock()
+}
+
+func (ss *session) lastTraceID() string {
+	ss.traceMu.Lock()
+	defer ss.traceMu.Unlock()
+	if !ss.hasTrac {
+		return ""
+	}
+	return string(ss.traceID[:])
+}
+
+func isLowerHex(b []byte) bool {
+	for _, c := range b {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
