@@ -44,9 +44,9 @@ type session struct {
 	copyIn      bool // a COPY FROM STDIN is running
 	serverFatal bool // the server sent a FATAL or PANIC error
 
-	traceMu sync.Mutex
-	traceID [32]byte // hex trace id of the latest statement that carried one
-	hasTrac bool
+	traceMu  sync.Mutex
+	traceID  [32]byte // hex trace id of the latest statement that carried one
+	hasTrace bool
 
 	stopOnce  sync.Once
 	stopCause error
@@ -298,13 +298,11 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 	switch typ {
 	case 'Q', 'F':
 		ss.pending.Add(1)
-		if typ == 'Q' && whole {
-			ss.noteTraceID(msg[headerLen:])
+		if typ == 'Q' {
+			ss.noteTraceID(statementText(msg, whole))
 		}
 	case 'P':
-		if whole {
-			ss.noteTraceID(msg[headerLen:])
-		}
+		ss.noteTraceID(statementText(msg, whole))
 	case 'E':
 		ss.unsynced.Store(true)
 	case 'S':
@@ -477,29 +475,40 @@ func stripChannelBinding(body []byte) ([]byte, error) {
 var traceparentKey = []byte("traceparent='00-")
 
 // noteTraceID remembers the trace id of a statement with a sqlcommenter-style comment,
-// /*traceparent='00-<32 hex trace id>-<16 hex span id>-<2 hex flags>'*/.
+// /*traceparent='00-<32 hex trace id>-<16 hex span id>-<2 hex flags>'*/, and forgets the
+// previous one when a statement has none: a pooled connection serves many requests.
 func (ss *session) noteTraceID(sql []byte) {
-	i := bytes.Index(sql, traceparentKey)
-	if i < 0 {
-		return
-	}
-	id := sql[i+len(traceparentKey):]
-	if len(id) < 32 || !isLowerHex(id[:32]) {
-		return
+	var id []byte
+	if i := bytes.Index(sql, traceparentKey); i >= 0 {
+		id = sql[i+len(traceparentKey):]
+		if len(id) < 32 || !isLowerHex(id[:32]) {
+			id = nil
+		}
 	}
 	ss.traceMu.Lock()
-	copy(ss.traceID[:], id[:32])
-	ss.hasTrac = true
+	ss.hasTrace = id != nil
+	if id != nil {
+		copy(ss.traceID[:], id[:32])
+	}
 	ss.traceMu.Unlock()
 }
 
 func (ss *session) lastTraceID() string {
 	ss.traceMu.Lock()
 	defer ss.traceMu.Unlock()
-	if !ss.hasTrac {
+	if !ss.hasTrace {
 		return ""
 	}
 	return string(ss.traceID[:])
+}
+
+// statementText is the part of a Query or Parse message that is searched for a trace id: the
+// whole body, or nothing for a message too large to buffer (its comment is out of reach).
+func statementText(msg []byte, whole bool) []byte {
+	if !whole {
+		return nil
+	}
+	return msg[headerLen:]
 }
 
 func isLowerHex(b []byte) bool {

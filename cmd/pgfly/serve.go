@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"os/signal"
 	"syscall"
@@ -13,6 +14,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/pgfly/pgfly/internal/sidecar"
+	"github.com/pgfly/pgfly/router"
 	"github.com/pgfly/pgfly/wire"
 )
 
@@ -21,12 +24,22 @@ const DefaultShutdownTimeout = 30 * time.Second
 
 // serveConfig is the sidecar's configuration, from flags and the environment.
 type serveConfig struct {
-	listen          string
-	upstream        string
-	logLevel        string
-	tlsCert, tlsKey string
-	maxMessageSize  byteSize
-	shutdownTimeout time.Duration
+	listen            string
+	upstream          string
+	primary           string
+	httpListen        string
+	app               string
+	region            string
+	primaryRegion     string
+	instance          string
+	replayMode        string
+	primaryHTTP       string
+	maxReplayBody     byteSize
+	injectTraceparent bool
+	logLevel          string
+	tlsCert, tlsKey   string
+	maxMessageSize    byteSize
+	shutdownTimeout   time.Duration
 }
 
 func (c *serveConfig) register(fs *flagSet) {
@@ -34,6 +47,27 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("listen", "PGFLY_LISTEN")
 	fs.StringVar(&c.upstream, "upstream", "", "nearby Postgres URL sessions are relayed to (required; its sslmode is honoured)")
 	fs.bindEnv("upstream", "PGFLY_UPSTREAM")
+	fs.StringVar(&c.primary, "primary", "", "primary Postgres URL, for bookmarks and lag")
+	fs.bindEnv("primary", "PGFLY_PRIMARY")
+	fs.StringVar(&c.httpListen, "http-listen", ":8080", "where the edge sends HTTP; empty disables the HTTP shim")
+	fs.bindEnv("http-listen", "PGFLY_HTTP_LISTEN")
+	fs.StringVar(&c.app, "app", "http://127.0.0.1:3000", "the app behind the HTTP shim")
+	fs.bindEnv("app", "PGFLY_APP")
+	fs.StringVar(&c.region, "region", "", "this instance's region")
+	fs.bindEnv("region", "FLY_REGION")
+	fs.StringVar(&c.primaryRegion, "primary-region", "", "the primary database's region (required with the HTTP shim)")
+	fs.bindEnv("primary-region", "PRIMARY_REGION")
+	fs.StringVar(&c.instance, "instance", "", "this instance's id, written into fly-replay-src in proxy mode")
+	fs.bindEnv("instance", "FLY_MACHINE_ID")
+	fs.StringVar(&c.replayMode, "replay-mode", string(router.ModeFly), "fly: answer fly-replay for Fly's edge; proxy: send the request to --primary-http itself")
+	fs.bindEnv("replay-mode", "PGFLY_REPLAY_MODE")
+	fs.StringVar(&c.primaryHTTP, "primary-http", "", "the primary region's pgfly HTTP URL, for --replay-mode=proxy")
+	fs.bindEnv("primary-http", "PGFLY_PRIMARY_HTTP")
+	c.maxReplayBody = router.DefaultMaxReplayBody
+	fs.Var(&c.maxReplayBody, "max-replay-body", "largest request body buffered for a replay in proxy mode, e.g. 1MiB")
+	fs.bindEnv("max-replay-body", "PGFLY_MAX_REPLAY_BODY")
+	fs.BoolVar(&c.injectTraceparent, "inject-traceparent", false, "add a fresh W3C traceparent to requests without one, for precise matching")
+	fs.bindEnv("inject-traceparent", "PGFLY_INJECT_TRACEPARENT")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.bindEnv("log-level", "PGFLY_LOG_LEVEL")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "certificate file (PEM) offered to clients that ask for TLS")
@@ -47,29 +81,69 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("shutdown-timeout", "PGFLY_SHUTDOWN_TIMEOUT")
 }
 
-func (c *serveConfig) validate() error {
+// sidecarConfig checks the flags together and turns them into the sidecar's configuration.
+func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
+	sc := sidecar.Config{
+		Listen:            c.listen,
+		Upstream:          c.upstream,
+		Primary:           c.primary,
+		MaxMessageSize:    int(c.maxMessageSize),
+		HTTPListen:        c.httpListen,
+		Region:            c.region,
+		PrimaryRegion:     c.primaryRegion,
+		Instance:          c.instance,
+		ReplayMode:        router.Mode(c.replayMode),
+		MaxReplayBody:     int64(c.maxReplayBody),
+		InjectTraceparent: c.injectTraceparent,
+	}
 	if c.upstream == "" {
-		return errors.New("flag --upstream (or $PGFLY_UPSTREAM) is required")
+		return sc, errors.New("flag --upstream (or $PGFLY_UPSTREAM) is required")
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
-		return errors.New("flags --tls-cert and --tls-key go together: set both or neither")
+		return sc, errors.New("flags --tls-cert and --tls-key go together: set both or neither")
 	}
 	if c.shutdownTimeout < 0 {
-		return fmt.Errorf("invalid value %v for flag --shutdown-timeout: must not be negative", c.shutdownTimeout)
+		return sc, fmt.Errorf("invalid value %v for flag --shutdown-timeout: must not be negative", c.shutdownTimeout)
 	}
-	return nil
-}
-
-func (c *serveConfig) wireConfig() (wire.Config, error) {
-	wc := wire.Config{Listen: c.listen, Upstream: c.upstream, MaxMessageSize: int(c.maxMessageSize)}
 	if c.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey)
 		if err != nil {
-			return wc, fmt.Errorf("flags --tls-cert/--tls-key: %w", err)
+			return sc, fmt.Errorf("flags --tls-cert/--tls-key: %w", err)
 		}
-		wc.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		sc.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	return wc, nil
+	if c.httpListen == "" {
+		return sc, nil
+	}
+	var err error
+	if sc.App, err = httpURL("app", c.app); err != nil {
+		return sc, err
+	}
+	if c.primaryRegion == "" {
+		return sc, errors.New("flag --primary-region (or $PRIMARY_REGION) is required with the HTTP shim; set --http-listen= to run the Postgres relay alone")
+	}
+	switch sc.ReplayMode {
+	case router.ModeFly:
+	case router.ModeProxy:
+		if c.primaryHTTP == "" {
+			return sc, errors.New("flag --primary-http is required with --replay-mode=proxy")
+		}
+		if sc.PrimaryHTTP, err = httpURL("primary-http", c.primaryHTTP); err != nil {
+			return sc, err
+		}
+	default:
+		return sc, fmt.Errorf("invalid value %q for flag --replay-mode: want fly or proxy", c.replayMode)
+	}
+	return sc, nil
+}
+
+// httpURL parses an http(s) URL flag.
+func httpURL(flag, s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("invalid value %q for flag --%s: want an http:// or https:// URL", s, flag)
+	}
+	return u, nil
 }
 
 func runServe(ctx context.Context, args []string, stderr io.Writer) error {
@@ -79,7 +153,8 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := fs.parse(args); err != nil {
 		return err
 	}
-	if err := cfg.validate(); err != nil {
+	sc, err := cfg.sidecarConfig()
+	if err != nil {
 		return err
 	}
 	log, err := newLogger(cfg.logLevel, stderr)
@@ -87,47 +162,46 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer log.Sync()
-	wc, err := cfg.wireConfig()
+	pgfly, err := sidecar.New(sc, log)
 	if err != nil {
 		return err
 	}
-	relay, err := wire.NewServer(wc, &events{log: log.Named("events")}, log.Named("wire"))
-	if err != nil {
-		return fmt.Errorf("flag --upstream: %w", err)
+	if err := pgfly.Listen(); err != nil {
+		return err
 	}
-	if err := relay.Listen(); err != nil {
-		return fmt.Errorf("flag --listen: %w", err)
-	}
+	return serveUntilSignal(ctx, pgfly, cfg.shutdownTimeout, log)
+}
 
+// serveUntilSignal runs pgfly until it fails or a signal asks it to stop. The first SIGTERM or
+// SIGINT stops it gracefully within timeout; a second one returns errInterrupted at once.
+func serveUntilSignal(ctx context.Context, pgfly *sidecar.Sidecar, timeout time.Duration, log *zap.Logger) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	served := make(chan error, 1)
-	go func() { served <- relay.Serve() }()
-
+	pgfly.Start()
+	waited := make(chan error, 1)
+	go func() { waited <- pgfly.Wait(ctx) }()
 	select {
-	case err := <-served:
-		relay.Close()
+	case err := <-waited:
+		pgfly.Close()
 		return err
-	case <-ctx.Done():
-		relay.Close()
-		return ctx.Err()
 	case sig := <-sigs:
-		log.Info("shutting down: no new sessions, open ones may finish",
-			zap.Stringer("signal", sig), zap.Duration("timeout", cfg.shutdownTimeout))
+		log.Info("shutting down: no new sessions or requests, open ones may finish",
+			zap.Stringer("signal", sig), zap.Duration("timeout", timeout))
 	}
 	shutdown := make(chan error, 1)
 	go func() {
-		sctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+		sctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		shutdown <- relay.Shutdown(sctx)
+		shutdown <- pgfly.Shutdown(sctx)
 	}()
 	select {
 	case err := <-shutdown:
 		if errors.Is(err, context.DeadlineExceeded) {
-			log.Warn("shutdown timeout reached: closed the sessions still open")
+			log.Warn("shutdown timeout reached: closed what was still open")
 		}
+		pgfly.Close()
 		log.Info("stopped")
 		return nil
 	case sig := <-sigs:

@@ -1,14 +1,16 @@
-package main
+package sidecar
 
 import (
 	"go.uber.org/zap"
 
+	"github.com/pgfly/pgfly/router"
 	"github.com/pgfly/pgfly/wire"
 )
 
-// events receives the relay's events and hands them to whoever acts on them.
+// events is the relay's Observer: it logs each read-only violation and hands it to the shim.
 type events struct {
-	log *zap.Logger
+	log  *zap.Logger
+	shim *router.Shim // nil when the shim is off
 }
 
 func (e *events) SessionOpened(wire.SessionInfo) {}
@@ -22,6 +24,15 @@ func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
 		zap.String("message", v.Message),
 		zap.Stringer("tx_status", v.TxStatus),
 		zap.String("trace_id", v.TraceID))
+	if e.shim != nil {
+		e.shim.ReadOnly(router.Violation{
+			SessionID: v.SessionID,
+			Time:      v.Time,
+			Code:      v.Code,
+			Message:   v.Message,
+			TraceID:   v.TraceID,
+		})
+	}
 }
 
 func (e *events) WriteCommitted(w wire.WriteCommitted) {
