@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"sync/atomic"
 )
 
 // headerLen is the size of a message header: a type byte and a 4-byte length that counts
@@ -34,6 +35,7 @@ type pump struct {
 	watch    *[256]bool
 	needBody *[256]bool
 	inspect  inspectFunc
+	total    *atomic.Uint64 // the server's running byte count for this direction
 
 	// Written by run, read by the session after run has returned.
 	n          int64 // bytes written to dst
@@ -143,7 +145,7 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 	p.midMessage = true
 	rest := int64(size - len(head))
 	n, err := io.CopyBuffer(writerOnly{p.dst}, io.LimitReader(p.src, rest), p.buf)
-	p.n += n
+	p.count(n)
 	if err != nil {
 		return err
 	}
@@ -159,8 +161,15 @@ func (p *pump) write(b []byte) error {
 		return nil
 	}
 	n, err := p.dst.Write(b)
-	p.n += int64(n)
+	p.count(int64(n))
 	return err
+}
+
+func (p *pump) count(n int64) {
+	p.n += n
+	if p.total != nil {
+		p.total.Add(uint64(n))
+	}
 }
 
 // writerOnly hides a writer's ReadFrom so that io.CopyBuffer uses the pump's buffer instead

@@ -50,6 +50,7 @@ type Server struct {
 
 	ln     net.Listener
 	nextID atomic.Uint64
+	stats  stats
 	wg     sync.WaitGroup // one per live session and per cancel forward
 
 	mu       sync.Mutex
@@ -187,6 +188,28 @@ func (s *Server) Close() error {
 	s.closeSessions()
 	s.wg.Wait()
 	return err
+}
+
+// Stats are a relay's running totals, for metrics.
+type Stats struct {
+	Sessions      uint64 // sessions relayed since start
+	BytesIn       uint64 // bytes from clients to the upstream
+	BytesOut      uint64 // bytes from the upstream to clients
+	ConnectErrors uint64 // failed attempts to connect to the upstream
+}
+
+type stats struct {
+	sessions, bytesIn, bytesOut, connectErrors atomic.Uint64
+}
+
+// Stats returns the running totals.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Sessions:      s.stats.sessions.Load(),
+		BytesIn:       s.stats.bytesIn.Load(),
+		BytesOut:      s.stats.bytesOut.Load(),
+		ConnectErrors: s.stats.connectErrors.Load(),
+	}
 }
 
 // OpenSessions is the number of sessions being relayed.

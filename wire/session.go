@@ -74,6 +74,7 @@ func (s *Server) handle(c net.Conn) {
 	up, err := s.upstream.dial(ctx)
 	cancel()
 	if err != nil {
+		s.stats.connectErrors.Add(1)
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
 			zap.String("upstream", s.upstream.name), zap.Error(err))
 		c.Write(errorMessage("FATAL", codeConnectionFailure,
@@ -89,6 +90,7 @@ func (s *Server) handle(c net.Conn) {
 	defer s.unregister(ss)
 
 	ss.info.ID = s.nextID.Add(1)
+	s.stats.sessions.Add(1)
 	s.log.Info("session opened", zap.Uint64("session", ss.info.ID), zap.String("client", ss.info.ClientAddr),
 		zap.String("user", ss.info.User), zap.String("database", ss.info.Database),
 		zap.String("application_name", ss.info.ApplicationName), zap.String("upstream", ss.info.Upstream))
@@ -194,10 +196,13 @@ func (ss *session) relay() SessionEnd {
 		return SessionEnd{Reason: "upstream write failed: " + err.Error()}
 	}
 	in := &pump{src: ss.client, dst: ss.upstream, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.needBody, inspect: ss.inspectClient}
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.needBody, inspect: ss.inspectClient,
+		total: &ss.srv.stats.bytesIn}
 	out := &pump{src: ss.upstream, dst: ss.client, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, needBody: &ss.srv.needBody, inspect: ss.inspectServer}
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, needBody: &ss.srv.needBody, inspect: ss.inspectServer,
+		total: &ss.srv.stats.bytesOut}
 	in.n = int64(len(ss.startup))
+	ss.srv.stats.bytesIn.Add(uint64(len(ss.startup)))
 
 	type result struct {
 		fromClient bool
