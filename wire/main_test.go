@@ -196,3 +196,10 @@ func waitFor(tb testing.TB, timeout time.Duration, what string, cond func() bool
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Opened returns a copy of the sessions opened so far.
+func (r *recorder) Opened() []wire.SessionInfo {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]wire.SessionInfo(nil), r.opened...)
+}

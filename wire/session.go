@@ -41,6 +41,7 @@ type session struct {
 
 	// Owned by the server-to-client goroutine.
 	wrote       bool // the current transaction wrote
+	undone      bool // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
 	copyIn      bool // a COPY FROM STDIN is running
 	serverFatal bool // the server sent a FATAL or PANIC error
 
@@ -196,7 +197,7 @@ func (ss *session) relay() SessionEnd {
 		return SessionEnd{Reason: "upstream write failed: " + err.Error()}
 	}
 	in := &pump{src: ss.client, dst: ss.upstream, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.needBody, inspect: ss.inspectClient,
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.noBody, inspect: ss.inspectClient,
 		total: &ss.srv.stats.bytesIn}
 	out := &pump{src: ss.upstream, dst: ss.client, buf: make([]byte, DefaultBufferSize),
 		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, needBody: &ss.srv.needBody, inspect: ss.inspectServer,
@@ -332,9 +333,16 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		ss.txStatus.Store(uint32(status))
 		switch status {
 		case TxIdle:
+			ss.undone = false
 			if ss.wrote {
 				ss.wrote = false
 				ss.srv.obs.WriteCommitted(WriteCommitted{SessionID: ss.info.ID, Time: time.Now()})
+			}
+		default:
+			// Still in a block: a ROLLBACK since the last ReadyForQuery was ROLLBACK TO
+			// SAVEPOINT (the tags are the same), and the writes before the savepoint stand.
+			if ss.undone {
+				ss.wrote, ss.undone = true, false
 			}
 		}
 	case 'C':
@@ -380,7 +388,15 @@ func (ss *session) noteCommand(body []byte) {
 		"CLUSTER", "REINDEX", "VACUUM", "CALL", "SECURITY", "IMPORT":
 		ss.wrote = true
 	case "ROLLBACK":
+		// ROLLBACK and ROLLBACK TO SAVEPOINT share this tag; the next ReadyForQuery or COMMIT
+		// tells them apart. A transaction whose only writes were rolled back to a savepoint
+		// is still reported: a needless event is cheaper than a missed one.
+		ss.undone = ss.undone || ss.wrote
 		ss.wrote = false
+	case "COMMIT":
+		if ss.undone { // a COMMIT in the same query as a ROLLBACK TO SAVEPOINT
+			ss.wrote, ss.undone = true, false
+		}
 	}
 }
 
@@ -391,8 +407,8 @@ func (ss *session) noteError(body []byte) {
 		ss.serverFatal = true
 	}
 	status := TxStatus(ss.txStatus.Load())
-	if status != TxInBlock {
-		ss.wrote = false // an implicit transaction rolled back
+	if status != TxInBlock && status != TxFailed { // a failed block lives on until ROLLBACK
+		ss.wrote, ss.undone = false, false // an implicit transaction rolled back
 	}
 	if !isReadOnlyViolation(f.code, f.message) {
 		return
