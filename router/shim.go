@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/lag"
 )
 
 // Mode says how a tainted request reaches the primary region.
@@ -47,7 +49,36 @@ const (
 // Replay reasons, written into fly-replay's state and the logs.
 const (
 	ReasonReadOnly = "read_only" // the replica refused a write
+	ReasonLag      = "lag"       // the replica has not replayed the client's bookmark in time
 )
+
+// Consistency is the read-your-writes guarantee the shim gives.
+type Consistency string
+
+// Consistency levels.
+const (
+	// ConsistencySession hands out bookmarks after writes and makes reads wait for them.
+	ConsistencySession Consistency = "session"
+	// ConsistencyEventual hands out no bookmarks: reads may miss the client's own writes.
+	ConsistencyEventual Consistency = "eventual"
+)
+
+// Bookmark defaults.
+const (
+	DefaultConsistencyWait = 500 * time.Millisecond
+	// BookmarkCookie holds the primary's WAL position after the client's last write.
+	BookmarkCookie = "pgfly_lsn"
+	// BookmarkMaxAge is how long a bookmark matters: replicas are far less behind than this.
+	BookmarkMaxAge = 5 * time.Minute
+)
+
+// Replica is what the shim needs from the lag monitor for read-your-writes.
+type Replica interface {
+	// PrimaryLSN is the primary's current WAL position.
+	PrimaryLSN(ctx context.Context) (lag.LSN, error)
+	// WaitFor returns once the nearby database has replayed lsn, or ctx's error.
+	WaitFor(ctx context.Context, lsn lag.LSN) error
+}
 
 // Config describes the shim's place: where the app is, which region this is, and how to
 // reach the primary region.
@@ -72,8 +103,18 @@ type Config struct {
 	// IsPrimary reports whether the upstream database is the primary (not in recovery). With
 	// it true, or Region equal to PrimaryRegion, nothing is replayed. May be nil.
 	IsPrimary func() bool
+	// Consistency is ConsistencySession (the default) or ConsistencyEventual.
+	Consistency Consistency
+	// ConsistencyWait bounds how long a request waits for the replica to reach its bookmark
+	// before it is replayed in the primary region.
+	ConsistencyWait time.Duration
+	// Replica gives bookmarks and waits for them; nil turns bookmarks off.
+	Replica Replica
 	// Observe, when set, is told every decision, for metrics. It must be quick.
 	Observe func(Decision)
+	// ObserveWait, when set, is told every bookmark wait: how long, and "caught_up",
+	// "timeout" or "cancelled".
+	ObserveWait func(wait time.Duration, outcome string)
 }
 
 // Violation is a read-only violation reported by the Postgres relay.
@@ -94,10 +135,12 @@ type Decision struct {
 
 // Shim is the HTTP shim. Create it with New, then Listen and Serve.
 type Shim struct {
-	cfg    Config
-	log    *zap.Logger
-	proxy  *httputil.ReverseProxy
-	client *http.Client // to the primary region, in ModeProxy
+	cfg          Config
+	log          *zap.Logger
+	proxy        *httputil.ReverseProxy
+	transport    *http.Transport        // to the app and the primary region
+	client       *http.Client           // to the primary region, in ModeProxy
+	primaryProxy *httputil.ReverseProxy // to the primary region, in ModeProxy
 
 	mu       sync.Mutex
 	inflight map[*request]struct{}
@@ -113,6 +156,7 @@ type request struct {
 	traceID      string
 	replayed     bool   // it came from a pgfly replay already: never replay it again
 	upgrade      bool   // a protocol upgrade (WebSocket): never replayed
+	secure       bool   // the client's request was HTTPS
 	body         []byte // the buffered body, in ModeProxy
 	bodyTooLarge bool   // the body exceeded MaxReplayBody and was streamed
 
@@ -147,13 +191,23 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	if cfg.MaxReplayBody == 0 {
 		cfg.MaxReplayBody = DefaultMaxReplayBody
 	}
+	switch cfg.Consistency {
+	case "":
+		cfg.Consistency = ConsistencySession
+	case ConsistencySession, ConsistencyEventual:
+	default:
+		return nil, fmt.Errorf("unknown consistency %q: want session or eventual", cfg.Consistency)
+	}
+	if cfg.ConsistencyWait == 0 {
+		cfg.ConsistencyWait = DefaultConsistencyWait
+	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s := &Shim{cfg: cfg, log: log, inflight: make(map[*request]struct{})}
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.DisableCompression = true // pass bodies through byte for byte
 	transport.MaxIdleConnsPerHost = 64
+	s := &Shim{cfg: cfg, log: log, inflight: make(map[*request]struct{}), transport: transport}
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:        s.rewrite,
 		Transport:      transport,
@@ -165,6 +219,12 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 		s.client = &http.Client{
 			Transport:     transport,
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+		s.primaryProxy = &httputil.ReverseProxy{
+			Rewrite:       s.rewriteToPrimary,
+			Transport:     transport,
+			FlushInterval: -1,
+			ErrorHandler:  s.errorHandler,
 		}
 	}
 	return s, nil
@@ -212,6 +272,7 @@ func (s *Shim) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	srv := s.srv
 	s.mu.Unlock()
+	defer s.transport.CloseIdleConnections()
 	if srv == nil {
 		return s.closeListener()
 	}
@@ -223,6 +284,7 @@ func (s *Shim) Close() error {
 	s.mu.Lock()
 	srv := s.srv
 	s.mu.Unlock()
+	defer s.transport.CloseIdleConnections()
 	if srv == nil {
 		return s.closeListener()
 	}
@@ -255,6 +317,7 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		traceID:  traceIDOf(r.Header.Get("traceparent")),
 		replayed: replayedByPgfly(r.Header),
 		upgrade:  r.Header.Get("Upgrade") != "",
+		secure:   r.TLS != nil || r.Header.Get("Fly-Forwarded-Proto") == "https" || r.Header.Get("X-Forwarded-Proto") == "https",
 	}
 	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get("traceparent") == "" {
 		tp := newTraceparent()
@@ -267,9 +330,136 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, req))
+	if lsn, ok := s.bookmark(r, req); ok && !s.caughtUp(r.Context(), req, lsn) {
+		if r.Context().Err() == nil {
+			s.replayNow(w, r, req, ReasonLag)
+		}
+		return
+	}
 	s.track(req)
 	defer s.untrack(req)
-	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, req)))
+	s.proxy.ServeHTTP(w, r)
+}
+
+// bookmark returns the WAL position a request must see, when this is a replica region that
+// honours bookmarks and the request carries a valid one.
+func (s *Shim) bookmark(r *http.Request, req *request) (lag.LSN, bool) {
+	if s.cfg.Consistency != ConsistencySession || s.cfg.Replica == nil || req.upgrade || req.replayed {
+		return 0, false
+	}
+	c, err := r.Cookie(BookmarkCookie)
+	if err != nil {
+		return 0, false
+	}
+	lsn, err := lag.ParseLSN(c.Value)
+	if err != nil {
+		s.log.Debug("malformed bookmark ignored", zap.String("path", req.path), zap.Error(err))
+		return 0, false
+	}
+	if s.primary() {
+		return 0, false
+	}
+	return lsn, true
+}
+
+// caughtUp waits, up to ConsistencyWait, for the replica to replay lsn.
+func (s *Shim) caughtUp(ctx context.Context, req *request, lsn lag.LSN) bool {
+	start := time.Now()
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.ConsistencyWait)
+	defer cancel()
+	err := s.cfg.Replica.WaitFor(wctx, lsn)
+	waited := time.Since(start)
+	outcome := "caught_up"
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		outcome = "cancelled"
+	default:
+		outcome = "timeout"
+	}
+	if s.cfg.ObserveWait != nil {
+		s.cfg.ObserveWait(waited, outcome)
+	}
+	s.log.Debug("bookmark wait", zap.String("path", req.path), zap.Stringer("lsn", lsn),
+		zap.Duration("waited", waited), zap.String("outcome", outcome))
+	return err == nil
+}
+
+// replayNow sends a request to the primary region before the app has seen it.
+func (s *Shim) replayNow(w http.ResponseWriter, r *http.Request, req *request, reason string) {
+	log := s.log.With(zap.String("method", req.method), zap.String("path", req.path),
+		zap.String("region", s.cfg.Region), zap.String("target_region", s.cfg.PrimaryRegion),
+		zap.String("reason", reason), zap.String("mode", string(s.cfg.Mode)),
+		zap.Duration("duration", time.Since(req.start)))
+	switch {
+	case s.cfg.Mode == ModeFly:
+		log.Info("replaying in the primary region")
+		s.observe(Decision{Outcome: "replayed", Reason: reason})
+		w.Header().Set("Fly-Replay", fmt.Sprintf("region=%s;state=%s_%s", s.cfg.PrimaryRegion, StatePrefix, reason))
+		w.Header().Set("Cache-Control", "no-store")
+		http.Error(w, fmt.Sprintf("pgfly: retry in region %s: the database here has not caught up with your last write", s.cfg.PrimaryRegion), http.StatusConflict)
+	case req.bodyTooLarge:
+		log.Error("cannot replay: request body over the replay limit", zap.Int64("limit", s.cfg.MaxReplayBody))
+		s.observe(Decision{Outcome: "too_large", Reason: reason})
+		http.Error(w, fmt.Sprintf("pgfly: this request must go to region %s and its body is over the %d-byte replay limit (--max-replay-body)",
+			s.cfg.PrimaryRegion, s.cfg.MaxReplayBody), http.StatusServiceUnavailable)
+	default:
+		log.Info("replaying in the primary region")
+		s.observe(Decision{Outcome: "replayed", Reason: reason})
+		s.primaryProxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), reasonKey{}, reason)))
+	}
+}
+
+type reasonKey struct{}
+
+// rewriteToPrimary points a request at the primary region's pgfly, marked as Fly marks a replay.
+func (s *Shim) rewriteToPrimary(pr *httputil.ProxyRequest) {
+	pr.SetURL(s.cfg.PrimaryHTTP)
+	pr.Out.Host = pr.In.Host
+	for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if v, ok := pr.In.Header[h]; ok {
+			pr.Out.Header[h] = v
+		}
+	}
+	reason, _ := pr.In.Context().Value(reasonKey{}).(string)
+	pr.Out.Header.Set("Fly-Replay-Src", s.replaySrc(reason))
+}
+
+func (s *Shim) replaySrc(reason string) string {
+	instance := s.cfg.Instance
+	if instance == "" {
+		instance = "pgfly"
+	}
+	return fmt.Sprintf("instance=%s;region=%s;t=%d;state=%s_%s", instance, s.cfg.Region, time.Now().UnixMicro(), StatePrefix, reason)
+}
+
+// setBookmark gives the client the primary's WAL position after its write, so that its next
+// request, wherever it lands, sees that write.
+func (s *Shim) setBookmark(resp *http.Response, req *request) {
+	ctx, cancel := context.WithTimeout(resp.Request.Context(), time.Second)
+	defer cancel()
+	lsn, err := s.cfg.Replica.PrimaryLSN(ctx)
+	if err != nil {
+		s.log.Warn("no bookmark: cannot read the primary's WAL position", zap.String("path", req.path), zap.Error(err))
+		return
+	}
+	c := http.Cookie{
+		Name:     BookmarkCookie,
+		Value:    lsn.String(),
+		Path:     "/",
+		MaxAge:   int(BookmarkMaxAge / time.Second),
+		HttpOnly: true,
+		SameSite: http.SameSiteLaxMode,
+		Secure:   req.secure,
+	}
+	resp.Header.Add("Set-Cookie", c.String())
+}
+
+// wantsBookmark: in the primary region, a request replayed here or one that may have written.
+func (s *Shim) wantsBookmark(req *request) bool {
+	return s.cfg.Consistency == ConsistencySession && s.cfg.Replica != nil && s.primary() &&
+		(req.replayed || req.method != http.MethodGet && req.method != http.MethodHead)
 }
 
 // bufferBody keeps up to MaxReplayBody bytes of the body so the request can be sent again;
@@ -407,7 +597,13 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 		return nil
 	}
 	v, match := req.begin()
-	if v == nil || resp.StatusCode == http.StatusSwitchingProtocols {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return nil
+	}
+	if v == nil {
+		if s.wantsBookmark(req) {
+			s.setBookmark(resp, req)
+		}
 		return nil
 	}
 	log := s.log.With(zap.String("method", req.method), zap.String("path", req.path),
@@ -468,12 +664,7 @@ func (s *Shim) replay(out *http.Request, req *request, reason string) (*http.Res
 	if len(req.body) == 0 {
 		r.Body, r.ContentLength = http.NoBody, 0
 	}
-	instance := s.cfg.Instance
-	if instance == "" {
-		instance = "pgfly"
-	}
-	r.Header.Set("Fly-Replay-Src", fmt.Sprintf("instance=%s;region=%s;t=%d;state=%s_%s",
-		instance, s.cfg.Region, time.Now().UnixMicro(), StatePrefix, reason))
+	r.Header.Set("Fly-Replay-Src", s.replaySrc(reason))
 	return s.client.Do(r)
 }
 

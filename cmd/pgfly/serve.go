@@ -36,6 +36,10 @@ type serveConfig struct {
 	primaryHTTP       string
 	maxReplayBody     byteSize
 	injectTraceparent bool
+	consistency       string
+	consistencyWait   time.Duration
+	adminListen       string
+	maxLag            time.Duration
 	logLevel          string
 	tlsCert, tlsKey   string
 	maxMessageSize    byteSize
@@ -68,6 +72,14 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("max-replay-body", "PGFLY_MAX_REPLAY_BODY")
 	fs.BoolVar(&c.injectTraceparent, "inject-traceparent", false, "add a fresh W3C traceparent to requests without one, for precise matching")
 	fs.bindEnv("inject-traceparent", "PGFLY_INJECT_TRACEPARENT")
+	fs.StringVar(&c.consistency, "consistency", string(router.ConsistencySession), "session: reads after a client's own write wait for it (bookmarks); eventual: no bookmarks")
+	fs.bindEnv("consistency", "PGFLY_CONSISTENCY")
+	fs.DurationVar(&c.consistencyWait, "consistency-wait", router.DefaultConsistencyWait, "how long a read waits for the replica to reach its bookmark before it is replayed in the primary region")
+	fs.bindEnv("consistency-wait", "PGFLY_CONSISTENCY_WAIT")
+	fs.StringVar(&c.adminListen, "admin-listen", "127.0.0.1:9187", "where /health and /metrics are served; empty disables them")
+	fs.bindEnv("admin-listen", "PGFLY_ADMIN_LISTEN")
+	fs.DurationVar(&c.maxLag, "max-lag", sidecar.DefaultMaxLag, "replica lag beyond which /health answers 503")
+	fs.bindEnv("max-lag", "PGFLY_MAX_LAG")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.bindEnv("log-level", "PGFLY_LOG_LEVEL")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "certificate file (PEM) offered to clients that ask for TLS")
@@ -95,6 +107,10 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		ReplayMode:        router.Mode(c.replayMode),
 		MaxReplayBody:     int64(c.maxReplayBody),
 		InjectTraceparent: c.injectTraceparent,
+		Consistency:       router.Consistency(c.consistency),
+		ConsistencyWait:   c.consistencyWait,
+		AdminListen:       c.adminListen,
+		MaxLag:            c.maxLag,
 	}
 	if c.upstream == "" {
 		return sc, errors.New("flag --upstream (or $PGFLY_UPSTREAM) is required")
@@ -102,8 +118,18 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return sc, errors.New("flags --tls-cert and --tls-key go together: set both or neither")
 	}
-	if c.shutdownTimeout < 0 {
-		return sc, fmt.Errorf("invalid value %v for flag --shutdown-timeout: must not be negative", c.shutdownTimeout)
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{{"shutdown-timeout", c.shutdownTimeout}, {"consistency-wait", c.consistencyWait}, {"max-lag", c.maxLag}} {
+		if d.v < 0 {
+			return sc, fmt.Errorf("invalid value %v for flag --%s: must not be negative", d.v, d.flag)
+		}
+	}
+	switch sc.Consistency {
+	case router.ConsistencySession, router.ConsistencyEventual:
+	default:
+		return sc, fmt.Errorf("invalid value %q for flag --consistency: want session or eventual", c.consistency)
 	}
 	if c.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey)

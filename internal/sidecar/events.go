@@ -7,10 +7,12 @@ import (
 	"github.com/pgfly/pgfly/wire"
 )
 
-// events is the relay's Observer: it logs each read-only violation and hands it to the shim.
+// events is the relay's Observer: it logs each read-only violation, counts it, and hands it to
+// the shim, which taints the requests it may belong to.
 type events struct {
-	log  *zap.Logger
-	shim *router.Shim // nil when the shim is off
+	log     *zap.Logger
+	shim    *router.Shim    // nil when the shim is off
+	metrics func() *metrics // set once the relay exists; events arrive only after that
 }
 
 func (e *events) SessionOpened(wire.SessionInfo) {}
@@ -18,6 +20,7 @@ func (e *events) SessionOpened(wire.SessionInfo) {}
 func (e *events) SessionClosed(wire.SessionEnd) {}
 
 func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
+	e.metrics().violations.Inc()
 	e.log.Warn("read-only violation",
 		zap.Uint64("session", v.SessionID),
 		zap.String("sqlstate", v.Code),
@@ -35,6 +38,6 @@ func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
 	}
 }
 
-func (e *events) WriteCommitted(w wire.WriteCommitted) {
-	e.log.Debug("write committed", zap.Uint64("session", w.SessionID))
+func (e *events) WriteCommitted(wire.WriteCommitted) {
+	e.metrics().writes.Inc()
 }

@@ -1,6 +1,6 @@
-// Package sidecar assembles one pgfly instance: the Postgres relay, the HTTP shim and the
-// admin endpoints, with the relay's events wired to the shim. `pgfly serve`, `pgfly run`,
-// the demo and the end-to-end tests all start pgfly through it.
+// Package sidecar assembles one pgfly instance: the Postgres relay, the HTTP shim, the lag
+// monitor and the admin endpoints, with the relay's events wired to the shim and the metrics.
+// `pgfly serve`, `pgfly run`, the demo and the end-to-end tests all start pgfly through it.
 package sidecar
 
 import (
@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
 	"github.com/pgfly/pgfly/wire"
 )
@@ -22,7 +24,7 @@ import (
 type Config struct {
 	// Postgres side.
 	Listen         string      // where the app connects, e.g. 127.0.0.1:5432
-	Upstream       string      // the nearby Postgres URL
+	Upstream       string      // the nearby Postgres URL; its credentials serve the monitor
 	Primary        string      // the primary's Postgres URL, optional
 	TLS            *tls.Config // offered to clients that ask for TLS; nil answers 'N'
 	MaxMessageSize int
@@ -37,26 +39,44 @@ type Config struct {
 	PrimaryHTTP       *url.URL
 	MaxReplayBody     int64
 	InjectTraceparent bool
+	Consistency       router.Consistency
+	ConsistencyWait   time.Duration
+
+	// Admin side; AdminListen "" disables /health and /metrics.
+	AdminListen string
+	MaxLag      time.Duration
 }
 
 // Sidecar is one running pgfly instance.
 type Sidecar struct {
-	cfg   Config
-	log   *zap.Logger
-	relay *wire.Server
-	shim  *router.Shim // nil when the shim is disabled
+	cfg     Config
+	log     *zap.Logger
+	monitor *lag.Monitor
+	relay   *wire.Server
+	shim    *router.Shim // nil when the shim is off
+	metrics *metrics
+	admin   *http.Server // nil when the admin endpoints are off
+	adminLn net.Listener
 
-	relayDone, shimDone chan error
+	done chan error // the first component that stopped on its own
 }
 
-// New builds the components; nothing listens yet.
+// New builds the components; nothing listens or connects yet.
 func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	s := &Sidecar{cfg: cfg, log: log}
+	if cfg.MaxLag == 0 {
+		cfg.MaxLag = DefaultMaxLag
+	}
+	s := &Sidecar{cfg: cfg, log: log, done: make(chan error, 3)}
+	monitor, err := lag.New(lag.Config{Upstream: cfg.Upstream, Primary: cfg.Primary}, log.Named("lag"))
+	if err != nil {
+		return nil, err
+	}
+	s.monitor = monitor
 	if cfg.HTTPListen != "" {
-		shim, err := router.New(router.Config{
+		rc := router.Config{
 			Listen:            cfg.HTTPListen,
 			App:               cfg.App,
 			Region:            cfg.Region,
@@ -66,26 +86,35 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			PrimaryHTTP:       cfg.PrimaryHTTP,
 			MaxReplayBody:     cfg.MaxReplayBody,
 			InjectTraceparent: cfg.InjectTraceparent,
-		}, log.Named("router"))
-		if err != nil {
+			Consistency:       cfg.Consistency,
+			ConsistencyWait:   cfg.ConsistencyWait,
+			Replica:           monitor,
+			IsPrimary:         func() bool { return monitor.Status().Role == lag.RolePrimary },
+			Observe:           func(d router.Decision) { s.metrics.decision(d) },
+			ObserveWait:       func(d time.Duration, outcome string) { s.metrics.wait(d, outcome) },
+		}
+		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
 			return nil, err
 		}
-		s.shim = shim
 	}
-	relay, err := wire.NewServer(wire.Config{
+	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics }}
+	s.relay, err = wire.NewServer(wire.Config{
 		Listen:         cfg.Listen,
 		Upstream:       cfg.Upstream,
 		TLS:            cfg.TLS,
 		MaxMessageSize: cfg.MaxMessageSize,
-	}, &events{log: log.Named("events"), shim: s.shim}, log.Named("wire"))
+	}, ev, log.Named("wire"))
 	if err != nil {
 		return nil, fmt.Errorf("upstream: %w", err)
 	}
-	s.relay = relay
+	s.metrics = newMetrics(s.relay, s.shim, monitor)
+	if cfg.AdminListen != "" {
+		s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	}
 	return s, nil
 }
 
-// Listen binds every listener, so that ports are known before Serve.
+// Listen binds every listener, so that ports are known before Start.
 func (s *Sidecar) Listen() error {
 	if err := s.relay.Listen(); err != nil {
 		return err
@@ -96,37 +125,55 @@ func (s *Sidecar) Listen() error {
 			return err
 		}
 	}
+	if s.admin != nil {
+		ln, err := net.Listen("tcp", s.cfg.AdminListen)
+		if err != nil {
+			s.Close()
+			return fmt.Errorf("listen %s: %w", s.cfg.AdminListen, err)
+		}
+		s.adminLn = ln
+	}
 	return nil
 }
 
-// Start serves in the background; Done reports the first component that stopped.
+// Start starts the monitor and serves in the background; Wait reports a component that
+// stopped on its own.
 func (s *Sidecar) Start() {
-	s.relayDone = make(chan error, 1)
-	go func() { s.relayDone <- s.relay.Serve() }()
+	s.monitor.Start()
+	go func() { s.done <- stopped("postgres relay", s.relay.Serve()) }()
 	if s.shim != nil {
-		s.shimDone = make(chan error, 1)
-		go func() { s.shimDone <- s.shim.Serve() }()
+		go func() { s.done <- stopped("http shim", s.shim.Serve()) }()
+	}
+	if s.admin != nil {
+		go func() {
+			err := s.admin.Serve(s.adminLn)
+			if errors.Is(err, http.ErrServerClosed) {
+				err = nil
+			}
+			s.done <- stopped("admin server", err)
+		}()
 	}
 }
 
-// Wait blocks until a component stops on its own (an error) or ctx is done.
+func stopped(what string, err error) error {
+	if err == nil {
+		return fmt.Errorf("%s stopped", what)
+	}
+	return fmt.Errorf("%s stopped: %w", what, err)
+}
+
+// Wait blocks until a component stops on its own or ctx is done.
 func (s *Sidecar) Wait(ctx context.Context) error {
 	select {
-	case err := <-s.relayDone:
-		return fmt.Errorf("postgres relay stopped: %w", errOrClosed(err))
-	case err := <-s.shimDone: // nil channel when the shim is off: never ready
-		return fmt.Errorf("http shim stopped: %w", errOrClosed(err))
+	case err := <-s.done:
+		return err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 }
 
-func errOrClosed(err error) error {
-	if err == nil {
-		return errors.New("closed")
-	}
-	return err
-}
+// Ready waits until the monitor has looked at the upstream once, so Role and lag are known.
+func (s *Sidecar) Ready(ctx context.Context) error { return s.monitor.Ready(ctx) }
 
 // PostgresAddr is where the app connects.
 func (s *Sidecar) PostgresAddr() net.Addr { return s.relay.Addr() }
@@ -138,6 +185,17 @@ func (s *Sidecar) HTTPAddr() net.Addr {
 	}
 	return s.shim.Addr()
 }
+
+// AdminAddr serves /health and /metrics; nil when they are off.
+func (s *Sidecar) AdminAddr() net.Addr {
+	if s.adminLn == nil {
+		return nil
+	}
+	return s.adminLn.Addr()
+}
+
+// Status is the monitor's latest view of the upstream.
+func (s *Sidecar) Status() lag.Status { return s.monitor.Status() }
 
 // Shutdown stops accepting, lets open requests and sessions finish until ctx is done, and
 // then closes what is left. HTTP goes first: requests in flight still need their sessions.
@@ -152,7 +210,7 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	if err := s.relay.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("postgres relay: %w", err))
 	}
-	return errors.Join(errs...)
+	return errors.Join(append(errs, s.closeRest())...)
 }
 
 // Close stops everything at once, in reverse order of start. It is idempotent.
@@ -161,9 +219,17 @@ func (s *Sidecar) Close() error {
 	if s.shim != nil {
 		errs = append(errs, s.shim.Close())
 	}
-	errs = append(errs, s.relay.Close())
+	errs = append(errs, s.relay.Close(), s.closeRest())
 	return errors.Join(errs...)
 }
 
-// ShutdownTimeout bounds a graceful stop when the caller gives none.
-const ShutdownTimeout = 30 * time.Second
+func (s *Sidecar) closeRest() error {
+	var errs []error
+	if s.admin != nil {
+		if s.adminLn != nil {
+			errs = append(errs, s.admin.Close())
+		}
+	}
+	errs = append(errs, s.monitor.Close())
+	return errors.Join(errs...)
+}

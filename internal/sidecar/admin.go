@@ -1,0 +1,77 @@
+package sidecar
+
+import (
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pgfly/pgfly/lag"
+)
+
+// DefaultMaxLag is the replica lag beyond which /health answers 503.
+const DefaultMaxLag = 10 * time.Second
+
+// health is the body of /health.
+type health struct {
+	Status        string  `json:"status"` // ok, lagging, upstream_down
+	Region        string  `json:"region,omitempty"`
+	PrimaryRegion string  `json:"primary_region,omitempty"`
+	Role          string  `json:"role"`
+	UpstreamUp    bool    `json:"upstream_up"`
+	UpstreamError string  `json:"upstream_error,omitempty"`
+	PrimaryUp     bool    `json:"primary_up"`
+	ReplayLSN     string  `json:"replay_lsn"`
+	PrimaryLSN    string  `json:"primary_lsn,omitempty"`
+	LagBytes      int64   `json:"lag_bytes"`
+	LagSeconds    float64 `json:"lag_seconds"`
+	MaxLagSeconds float64 `json:"max_lag_seconds"`
+	CheckedAt     string  `json:"checked_at,omitempty"`
+	SessionsOpen  int     `json:"sessions_open"`
+}
+
+// adminHandler serves /health and /metrics.
+func (s *Sidecar) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", s.serveHealth)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// serveHealth answers 200 when the upstream is reachable and its lag is within MaxLag, else
+// 503, so that it can serve as a Fly HTTP check.
+func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
+	st := s.monitor.Status()
+	h := health{
+		Status:        "ok",
+		Region:        s.cfg.Region,
+		PrimaryRegion: s.cfg.PrimaryRegion,
+		Role:          string(st.Role),
+		UpstreamUp:    st.UpstreamUp,
+		UpstreamError: st.UpstreamError,
+		PrimaryUp:     st.PrimaryUp,
+		ReplayLSN:     st.ReplayLSN.String(),
+		LagBytes:      st.LagBytes,
+		LagSeconds:    st.LagSeconds,
+		MaxLagSeconds: s.cfg.MaxLag.Seconds(),
+		SessionsOpen:  s.relay.OpenSessions(),
+	}
+	if st.PrimaryLSN != 0 {
+		h.PrimaryLSN = st.PrimaryLSN.String()
+	}
+	if !st.CheckedAt.IsZero() {
+		h.CheckedAt = st.CheckedAt.UTC().Format(time.RFC3339Nano)
+	}
+	code := http.StatusOK
+	switch {
+	case !st.UpstreamUp:
+		h.Status, code = "upstream_down", http.StatusServiceUnavailable
+	case st.Role == lag.RoleReplica && st.LagSeconds > s.cfg.MaxLag.Seconds():
+		h.Status, code = "lagging", http.StatusServiceUnavailable
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(h)
+}

@@ -1,0 +1,94 @@
+package sidecar
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/pgfly/pgfly/lag"
+	"github.com/pgfly/pgfly/router"
+	"github.com/pgfly/pgfly/wire"
+)
+
+// metrics are pgfly's Prometheus metrics, in a registry of their own.
+type metrics struct {
+	reg          *prometheus.Registry
+	violations   prometheus.Counter
+	writes       prometheus.Counter
+	replays      *prometheus.CounterVec
+	bookmarkWait *prometheus.HistogramVec
+}
+
+func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		violations: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pgfly_readonly_violations_total",
+			Help: "Statements the upstream refused because it is read-only (SQLSTATE 25006, or 0A000 for SET TRANSACTION READ WRITE).",
+		}),
+		writes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "pgfly_writes_committed_total",
+			Help: "Transactions that wrote and committed through the relay.",
+		}),
+		replays: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pgfly_replay_decisions_total",
+			Help: "Decisions about sending requests to the primary region, by reason (read_only, lag), match (precise, overlap) and outcome (replayed, loop_blocked, too_large, started, no_request, primary, not_replayed).",
+		}, []string{"reason", "match", "outcome"}),
+		bookmarkWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "pgfly_bookmark_wait_seconds",
+			Help:    "Time requests with a bookmark waited for the replica, by outcome (caught_up, timeout, cancelled).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}, []string{"outcome"}),
+	}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait)
+	stat := func(f func(wire.Stats) uint64) func() float64 {
+		return func() float64 { return float64(f(relay.Stats())) }
+	}
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_sessions_open", Help: "Postgres sessions being relayed."},
+			func() float64 { return float64(relay.OpenSessions()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_sessions_total", Help: "Postgres sessions relayed since start."},
+			stat(func(s wire.Stats) uint64 { return s.Sessions })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction.",
+			ConstLabels: prometheus.Labels{"direction": "to_upstream"}}, stat(func(s wire.Stats) uint64 { return s.BytesIn })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction.",
+			ConstLabels: prometheus.Labels{"direction": "to_client"}}, stat(func(s wire.Stats) uint64 { return s.BytesOut })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_upstream_connect_errors_total", Help: "Failed connections to the upstream for client sessions."},
+			stat(func(s wire.Stats) uint64 { return s.ConnectErrors })),
+	)
+	if shim != nil {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_http_requests_in_flight", Help: "HTTP requests in flight through the shim."},
+			func() float64 { return float64(shim.InFlight()) }))
+	}
+	status := func(f func(lag.Status) float64) func() float64 {
+		return func() float64 { return f(monitor.Status()) }
+	}
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_upstream_up", Help: "1 when pgfly's monitor reaches the upstream."},
+			status(func(s lag.Status) float64 { return bool01(s.UpstreamUp) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_upstream_is_primary", Help: "1 when the upstream is not in recovery."},
+			status(func(s lag.Status) float64 { return bool01(s.Role == lag.RolePrimary) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_replica_lag_bytes", Help: "WAL bytes the upstream is behind the primary (-1 unknown)."},
+			status(func(s lag.Status) float64 { return float64(s.LagBytes) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_replica_lag_seconds", Help: "Seconds the upstream is behind the primary (-1 unknown)."},
+			status(func(s lag.Status) float64 { return s.LagSeconds })),
+	)
+	return m
+}
+
+func bool01(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (m *metrics) decision(d router.Decision) {
+	m.replays.WithLabelValues(d.Reason, d.Match, d.Outcome).Inc()
+}
+
+func (m *metrics) wait(d time.Duration, outcome string) {
+	m.bookmarkWait.WithLabelValues(outcome).Observe(d.Seconds())
+}
