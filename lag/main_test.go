@@ -96,7 +96,7 @@ func connect(tb testing.TB, url string, params map[string]string) *pgx.Conn {
 
 // testLogger logs the monitor's events to the test output.
 func testLogger(tb testing.TB) *zap.Logger {
-	return zaptest.NewLogger(tb, zaptest.Level(zap.InfoLevel))
+	return zaptest.NewLogger(tb, zaptest.Level(zap.InfoLevel)).Named("lag")
 }
 
 // startMonitor starts a Monitor with cfg, waits for its first polls and

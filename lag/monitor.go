@@ -186,7 +186,8 @@ type Monitor struct {
 }
 
 // New validates cfg and returns a Monitor that has not connected yet; Start
-// begins polling. log may be nil.
+// begins polling. log is used as given (the caller names it, e.g.
+// Named("lag")) and may be nil.
 func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	if log == nil {
 		log = zap.NewNop()
@@ -218,7 +219,7 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Monitor{
 		cfg:      cfg,
-		log:      log.Named("lag"),
+		log:      log,
 		upAddr:   addrOf(upCfg),
 		upstream: newConns(upCfg, 1),
 		primary:  newConns(upCfg, bookmarkConns),
@@ -432,7 +433,10 @@ func (m *Monitor) Close() error {
 	m.markReady(1)
 	errUp := m.upstream.close()
 	errPri := m.primary.close()
-	return errors.Join(errUp, errPri) // at most the first of each pool
+	if errUp != nil {
+		return errUp
+	}
+	return errPri
 }
 
 // watchUpstream is the upstream's polling loop; it ends with the Monitor.
