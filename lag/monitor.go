@@ -49,7 +49,8 @@ const (
 	// upstreamQuery is the one query of an upstream poll.
 	upstreamQuery = `select pg_is_in_recovery(),
 	(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text,
-	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8`
+	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
+	coalesce(pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn(), false)`
 	// primaryQuery is the one query of a primary poll.
 	primaryQuery = `select pg_current_wal_lsn()::text`
 	// bookmarkQuery is PrimaryLSN's query: the insert position, its offset
@@ -129,8 +130,9 @@ type Status struct {
 	// LagSeconds is 0 when the upstream has replayed PrimaryLSN or is the
 	// primary; otherwise the upstream's now() minus the commit time of the
 	// last transaction it replayed (clamped at 0), or -1 when unknown. With
-	// no primary configured it is always the latter, which also grows while
-	// the primary commits nothing.
+	// no primary configured, a replica that has replayed all the WAL it
+	// received counts as 0, so that an idle primary does not look like lag;
+	// a broken WAL stream then goes unseen here.
 	LagSeconds float64
 	// CheckedAt is when the last upstream poll finished; zero before the
 	// first.
@@ -145,7 +147,10 @@ type upstreamState struct {
 	role      Role
 	lsn       LSN
 	replayAge *float64 // seconds since the last replayed commit; nil when unknown
-	checkedAt time.Time
+	// replayedAll: a replica has replayed all the WAL it has received. Without a primary to
+	// compare with, that is the best sign that it is not behind while the primary is idle.
+	replayedAll bool
+	checkedAt   time.Time
 }
 
 // primaryState is what the last primary poll found.
@@ -505,9 +510,10 @@ func (m *Monitor) pollUpstream() bool {
 		inRecovery bool
 		lsnText    *string
 		replayAge  *float64
+		replayed   bool
 		lsn        LSN
 	)
-	err := m.upstream.queryRow(ctx, upstreamQuery, &inRecovery, &lsnText, &replayAge)
+	err := m.upstream.queryRow(ctx, upstreamQuery, &inRecovery, &lsnText, &replayAge, &replayed)
 	cancel()
 	m.polls.Add(1)
 	if m.ctx.Err() != nil {
@@ -528,6 +534,7 @@ func (m *Monitor) pollUpstream() bool {
 		}
 		cur.lsn = lsn
 		cur.replayAge = replayAge
+		cur.replayedAll = replayed
 	} else {
 		cur.downSince = now
 		if prev.polled && prev.err != nil {
@@ -665,7 +672,10 @@ func (m *Monitor) snapshot() Status {
 		if s.PrimaryUp {
 			s.LagBytes = int64(s.PrimaryLSN - s.ReplayLSN)
 		}
-		if m.up.replayAge != nil {
+		switch {
+		case !m.pollPri && m.up.replayedAll:
+			s.LagSeconds = 0
+		case m.up.replayAge != nil:
 			s.LagSeconds = max(0, *m.up.replayAge)
 		}
 	}
