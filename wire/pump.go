@@ -143,14 +143,19 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 		return err
 	}
 	p.midMessage = true
-	rest := int64(size - len(head))
-	n, err := io.CopyBuffer(writerOnly{p.dst}, io.LimitReader(p.src, rest), p.buf)
-	p.count(n)
-	if err != nil {
-		return err
-	}
-	if n < rest {
-		return io.ErrUnexpectedEOF
+	// A plain loop over the pump's buffer: io.CopyBuffer would need a LimitedReader and a
+	// writer wrapper, two allocations per large message.
+	for rest := size - len(head); rest > 0; {
+		nr, err := p.src.Read(p.buf[:min(rest, len(p.buf))])
+		if nr > 0 {
+			if werr := p.write(p.buf[:nr]); werr != nil {
+				return werr
+			}
+			rest -= nr
+		}
+		if err != nil && rest > 0 {
+			return unexpected(err)
+		}
 	}
 	p.midMessage = false
 	return nil
@@ -171,10 +176,6 @@ func (p *pump) count(n int64) {
 		p.total.Add(uint64(n))
 	}
 }
-
-// writerOnly hides a writer's ReadFrom so that io.CopyBuffer uses the pump's buffer instead
-// of allocating one; the byte count stays exact.
-type writerOnly struct{ io.Writer }
 
 func unexpected(err error) error {
 	if err == io.EOF {

@@ -20,6 +20,9 @@ const (
 	DefaultStartupTimeout = 60 * time.Second // as the server's authentication_timeout
 )
 
+// MinMaxMessageSize is the smallest Config.MaxMessageSize NewServer accepts.
+const MinMaxMessageSize = 1024
+
 // Config tells a Server where to listen and where to relay.
 type Config struct {
 	// Listen is the address clients connect to, e.g. "127.0.0.1:5432".
@@ -69,8 +72,8 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.MaxMessageSize == 0 {
 		cfg.MaxMessageSize = DefaultMaxMessageSize
 	}
-	if cfg.MaxMessageSize < 1024 {
-		return nil, fmt.Errorf("max message size %d is too small (minimum 1024)", cfg.MaxMessageSize)
+	if cfg.MaxMessageSize < MinMaxMessageSize {
+		return nil, fmt.Errorf("max message size %d is too small (minimum %d)", cfg.MaxMessageSize, MinMaxMessageSize)
 	}
 	if cfg.DialTimeout == 0 {
 		cfg.DialTimeout = DefaultDialTimeout

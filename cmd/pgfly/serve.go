@@ -118,6 +118,9 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return sc, errors.New("flags --tls-cert and --tls-key go together: set both or neither")
 	}
+	if c.maxMessageSize < wire.MinMaxMessageSize {
+		return sc, fmt.Errorf("invalid value %d for flag --max-message-size: the minimum is %d", c.maxMessageSize, wire.MinMaxMessageSize)
+	}
 	for _, d := range []struct {
 		flag string
 		v    time.Duration

@@ -1,0 +1,624 @@
+package main_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgfly/pgfly/internal/pgcluster"
+)
+
+// These tests run the pgfly binary as a subprocess, as an operator would, against a real
+// primary and replica.
+
+var (
+	// pgflyBin is the binary under test, built once by TestMain.
+	pgflyBin string
+
+	clusterOnce sync.Once
+	cluster     *pgcluster.Cluster
+	clusterErr  error
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "pgfly-serve-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "create a directory for the binary:", err)
+		os.Exit(1)
+	}
+	pgflyBin = filepath.Join(dir, "pgfly")
+	build := exec.Command("go", "build", "-o", pgflyBin, ".")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "go build pgfly:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if cluster != nil {
+		if err := cluster.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "closing the test cluster:", err)
+		}
+	}
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// testCluster is a real primary and replica shared by the tests that need one, started by
+// the first of them; TestMain closes it.
+func testCluster(tb testing.TB) *pgcluster.Cluster {
+	tb.Helper()
+	clusterOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cluster, clusterErr = pgcluster.Start(ctx, pgcluster.Options{})
+	})
+	if clusterErr != nil {
+		tb.Fatalf("start PostgreSQL primary and replica: %v", clusterErr)
+	}
+	return cluster
+}
+
+// unreachableUpstream is a well-formed upstream URL for runs that must fail before they
+// connect anywhere.
+const unreachableUpstream = "postgres://postgres@127.0.0.1:1/pgfly?sslmode=disable"
+
+func TestServeRejectsBadConfiguration(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		env  []string
+		want []string // each must appear in stderr
+		not  string   // must not appear in stderr, when set
+	}{
+		{"max message size not a number", []string{"--upstream=" + unreachableUpstream, "--max-message-size=abc"}, nil,
+			[]string{"max-message-size", "abc"}, ""},
+		{"max message size below the minimum", []string{"--upstream=" + unreachableUpstream, "--max-message-size=100"}, nil,
+			[]string{"--max-message-size", "1024"}, ""},
+		{"shutdown timeout not a duration", []string{"--upstream=" + unreachableUpstream, "--shutdown-timeout=x"}, nil,
+			[]string{"shutdown-timeout"}, ""},
+		{"negative shutdown timeout", []string{"--upstream=" + unreachableUpstream, "--shutdown-timeout=-1s"}, nil,
+			[]string{"shutdown-timeout"}, ""},
+		{"unknown log level", []string{"--upstream=" + unreachableUpstream, "--log-level=loud"}, nil,
+			[]string{"log-level", "loud"}, ""},
+		{"unknown flag", []string{"--upstream=" + unreachableUpstream, "--no-such-flag=1"}, nil,
+			[]string{"no-such-flag"}, ""},
+		{"stray argument", []string{"--upstream=" + unreachableUpstream, "extra"}, nil,
+			[]string{`"extra"`}, ""},
+		{"missing upstream", nil, nil,
+			[]string{"--upstream"}, ""},
+		{"unparsable upstream", []string{"--upstream=postgres://pgfly:upstream-secret@%zz/pgfly"}, nil,
+			[]string{"upstream"}, "upstream-secret"},
+		{"invalid sslmode in upstream", []string{"--upstream=host=127.0.0.1 password=upstream-secret sslmode=sometimes"}, nil,
+			[]string{"upstream", "sslmode"}, "upstream-secret"},
+		{"tls cert without key", []string{"--upstream=" + unreachableUpstream, "--tls-cert=cert.pem"}, nil,
+			[]string{"--tls-cert", "--tls-key"}, ""},
+		{"listen address unusable", []string{"--upstream=" + unreachableUpstream, "--listen=127.0.0.1:notaport"}, nil,
+			[]string{"listen", "notaport"}, ""},
+		{"bad max message size in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_MAX_MESSAGE_SIZE=abc"},
+			[]string{"PGFLY_MAX_MESSAGE_SIZE", "max-message-size"}, ""},
+		{"bad shutdown timeout in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_SHUTDOWN_TIMEOUT=soon"},
+			[]string{"PGFLY_SHUTDOWN_TIMEOUT", "shutdown-timeout"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			args := append([]string{"serve", "--listen=" + freeAddr(t), "--http-listen=", "--admin-listen="}, tt.args...)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, pgflyBin, args...)
+			cmd.Env = append(cleanEnv(), tt.env...)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			if ctx.Err() != nil {
+				t.Fatalf("pgfly %s: still running after 20s, want it to refuse the configuration; stderr:\n%s", strings.Join(args, " "), stderr.String())
+			}
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) {
+				t.Fatalf("pgfly %s: got %v, want a non-zero exit; stderr:\n%s", strings.Join(args, " "), err, stderr.String())
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(stderr.String(), w) {
+					t.Errorf("stderr does not mention %q:\n%s", w, stderr.String())
+				}
+			}
+			if tt.not != "" && strings.Contains(stderr.String(), tt.not) {
+				t.Errorf("stderr contains %q:\n%s", tt.not, stderr.String())
+			}
+		})
+	}
+}
+
+func TestServeReadsEnvironment(t *testing.T) {
+	c := testCluster(t)
+	listen := freeAddr(t)
+	p := startPgfly(t, []string{
+		"PGFLY_LISTEN=" + listen,
+		"PGFLY_UPSTREAM=" + c.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database),
+		"PGFLY_HTTP_LISTEN=",
+		"PGFLY_ADMIN_LISTEN=",
+	}, "serve")
+	p.waitListening(t, listen)
+
+	conn := connect(t, clientURL(listen, pgcluster.RoleTrust))
+	var inRecovery bool
+	if err := conn.QueryRow(boundedCtx(t), "select pg_is_in_recovery()").Scan(&inRecovery); err != nil {
+		t.Fatalf("select pg_is_in_recovery(): %v", err)
+	}
+	if !inRecovery {
+		t.Errorf("pg_is_in_recovery() through pgfly: got false, want true (the replica from $PGFLY_UPSTREAM)")
+	}
+}
+
+func TestServeLogs(t *testing.T) {
+	c := testCluster(t)
+	const (
+		table = "serve_logs"
+		param = "param-value-3e9c0d7f" // must never be logged
+	)
+	primary := connect(t, c.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if _, err := primary.Exec(boundedCtx(t), "create table if not exists "+table+" (v text)"); err != nil {
+		t.Fatalf("create table: %v", err)
+	}
+	if err := c.WaitReplayed(boundedCtx(t)); err != nil {
+		t.Fatalf("wait for the replica: %v", err)
+	}
+
+	// pgfly's own credentials (for its monitoring queries) must not be logged either.
+	listen := freeAddr(t)
+	p := startPgfly(t, nil, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=", "--log-level=debug",
+		"--upstream="+c.Replica.URL(pgcluster.RoleMD5.Name, pgcluster.RoleMD5.Password, pgcluster.Database))
+	p.waitListening(t, listen)
+
+	conn := connect(t, clientURL(listen, pgcluster.RoleSCRAM))
+	client := conn.PgConn().Conn().LocalAddr().String()
+	var got string
+	if err := conn.QueryRow(boundedCtx(t), "select $1::text", param).Scan(&got); err != nil {
+		t.Fatalf("select $1: %v", err)
+	}
+	if got != param {
+		t.Fatalf("select $1: got %q, want %q", got, param)
+	}
+	_, err := conn.Exec(boundedCtx(t), "insert into "+table+" (v) values ($1)", param)
+	if code := pgCode(err); code != "25006" {
+		t.Fatalf("insert on the replica: got error %v (SQLSTATE %q), want SQLSTATE 25006", err, code)
+	}
+	if err := conn.Close(boundedCtx(t)); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	p.waitLine(t, 10*time.Second, "session closed", func(l logLine) bool { return l.Msg == "session closed" })
+	p.signal(t, syscall.SIGTERM)
+	if code := p.wait(t, 10*time.Second); code != 0 {
+		t.Errorf("exit status after SIGTERM: got %d, want 0", code)
+	}
+
+	lines := p.lines()
+	for _, l := range lines {
+		if l.err != nil {
+			t.Errorf("stderr line is not JSON (%v): %s", l.err, l.raw)
+			continue
+		}
+		for _, secret := range []string{pgcluster.RoleSCRAM.Password, pgcluster.RoleMD5.Password, param} {
+			if strings.Contains(l.raw, secret) {
+				t.Errorf("log line contains %q: %s", secret, l.raw)
+			}
+		}
+	}
+
+	opened := filterLines(lines, "session opened")
+	closed := filterLines(lines, "session closed")
+	if len(opened) != 1 || len(closed) != 1 {
+		t.Fatalf("got %d \"session opened\" and %d \"session closed\" lines, want 1 and 1", len(opened), len(closed))
+	}
+	for _, l := range []logLine{opened[0], closed[0]} {
+		for field, want := range map[string]any{
+			"client":   client,
+			"user":     pgcluster.RoleSCRAM.Name,
+			"database": pgcluster.Database,
+			"upstream": c.Replica.Addr(),
+		} {
+			if got := l.fields[field]; got != want {
+				t.Errorf("%q line: field %s: got %v, want %v", l.Msg, field, got, want)
+			}
+		}
+	}
+	for _, field := range []string{"duration", "bytes_in", "bytes_out"} {
+		if n, ok := closed[0].fields[field].(float64); !ok || n <= 0 {
+			t.Errorf("\"session closed\" line: field %s: got %v, want a positive number", field, closed[0].fields[field])
+		}
+	}
+	if r, ok := closed[0].fields["reason"].(string); !ok || r == "" {
+		t.Errorf("\"session closed\" line: field reason: got %v, want a non-empty string", closed[0].fields["reason"])
+	}
+
+	violations := filterLines(lines, "read-only violation")
+	if len(violations) != 1 {
+		t.Fatalf("got %d \"read-only violation\" lines, want 1", len(violations))
+	}
+	if v := violations[0]; v.Level != "warn" || v.fields["sqlstate"] != "25006" {
+		t.Errorf("read-only violation line: got level %q sqlstate %v, want warn 25006: %s", v.Level, v.fields["sqlstate"], v.raw)
+	}
+}
+
+func TestServeShutdown(t *testing.T) {
+	c := testCluster(t)
+	upstream := c.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database)
+	start := func(t *testing.T, timeout string) (*pgflyProc, string) {
+		t.Helper()
+		listen := freeAddr(t)
+		p := startPgfly(t, nil, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=",
+			"--upstream="+upstream, "--shutdown-timeout="+timeout)
+		p.waitListening(t, listen)
+		return p, listen
+	}
+	shuttingDown := func(l logLine) bool { return strings.HasPrefix(l.Msg, "shutting down") }
+
+	t.Run("open session finishes, then pgfly exits", func(t *testing.T) {
+		// The timeout is long, so that an exit within the bounded wait below is the session's
+		// doing, not the timeout's.
+		p, listen := start(t, "60s")
+		conn := connect(t, clientURL(listen, pgcluster.RoleTrust))
+		assertSelect1(t, conn)
+
+		p.signal(t, syscall.SIGTERM)
+		p.waitLine(t, 10*time.Second, "the shutdown to begin", shuttingDown)
+		if c, err := net.DialTimeout("tcp", listen, 2*time.Second); err == nil {
+			c.Close()
+			t.Errorf("dial %s during shutdown: connected, want refused", listen)
+		}
+		assertSelect1(t, conn)
+		assertSelect1(t, conn)
+		if p.exited() {
+			t.Fatalf("pgfly exited while a session was open")
+		}
+
+		if err := conn.Close(boundedCtx(t)); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+		if code := p.wait(t, 10*time.Second); code != 0 {
+			t.Errorf("exit status: got %d, want 0", code)
+		}
+		if ls := filterLines(p.lines(), "shutdown timeout reached: closed what was still open"); len(ls) != 0 {
+			t.Errorf("pgfly reports the shutdown timeout, want the session to have ended first: %s", ls[0].raw)
+		}
+	})
+
+	t.Run("session still open at the timeout is closed", func(t *testing.T) {
+		p, listen := start(t, "2s")
+		client := rawLogin(t, listen)
+
+		p.signal(t, syscall.SIGTERM)
+		p.waitLine(t, 10*time.Second, "the shutdown to begin", shuttingDown)
+		if got := client.query(t, "select 1"); got != "SELECT 1" {
+			t.Fatalf("query during shutdown: got %q, want SELECT 1", got)
+		}
+		// The client sends nothing more: pgfly must close the session itself and say why.
+		client.conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		msg, err := client.fe.Receive()
+		if err != nil {
+			t.Fatalf("waiting for pgfly to close the session: %v", err)
+		}
+		e, ok := msg.(*pgproto3.ErrorResponse)
+		if !ok || e.Severity != "FATAL" || e.Code != "57P01" {
+			t.Fatalf("got %#v, want a FATAL 57P01 ErrorResponse", msg)
+		}
+		if _, err := client.fe.Receive(); !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("after the FATAL: got %v, want the connection closed", err)
+		}
+		if code := p.wait(t, 10*time.Second); code != 0 {
+			t.Errorf("exit status: got %d, want 0", code)
+		}
+	})
+
+	t.Run("second signal exits at once", func(t *testing.T) {
+		for _, second := range []struct {
+			name string
+			sig  syscall.Signal
+		}{{"SIGTERM", syscall.SIGTERM}, {"SIGINT", syscall.SIGINT}} {
+			t.Run(second.name, func(t *testing.T) {
+				p, listen := start(t, "60s")
+				rawLogin(t, listen) // keeps the shutdown waiting
+
+				p.signal(t, syscall.SIGTERM)
+				p.waitLine(t, 10*time.Second, "the shutdown to begin", shuttingDown)
+				p.signal(t, second.sig)
+				if code := p.wait(t, 5*time.Second); code == 0 {
+					t.Errorf("exit status after a second signal: got 0, want non-zero")
+				}
+			})
+		}
+	})
+}
+
+// pgflyProc is a running pgfly subprocess whose stderr is collected line by line.
+type pgflyProc struct {
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has exited
+	err  error         // cmd.Wait's result, set before done is closed
+
+	mu  sync.Mutex
+	out []logLine
+}
+
+// logLine is one line of pgfly's stderr, decoded if it is JSON.
+type logLine struct {
+	raw    string
+	err    error // not a JSON object
+	Level  string
+	Msg    string
+	fields map[string]any
+}
+
+// startPgfly runs the binary with args and the extra environment; Cleanup kills it if it
+// is still running and logs its stderr when the test failed.
+func startPgfly(tb testing.TB, env []string, args ...string) *pgflyProc {
+	tb.Helper()
+	p := &pgflyProc{cmd: exec.Command(pgflyBin, args...), done: make(chan struct{})}
+	p.cmd.Env = append(cleanEnv(), env...)
+	stderr, err := p.cmd.StderrPipe()
+	if err != nil {
+		tb.Fatalf("stderr pipe: %v", err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		tb.Fatalf("start pgfly: %v", err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.out = append(p.out, parseLine(sc.Text()))
+			p.mu.Unlock()
+		}
+		p.err = p.cmd.Wait() // after stderr is read to its end, as Wait requires
+		close(p.done)
+	}()
+	tb.Cleanup(func() {
+		if !p.exited() {
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+		if tb.Failed() {
+			for _, l := range p.lines() {
+				tb.Logf("pgfly: %s", l.raw)
+			}
+		}
+	})
+	return p
+}
+
+func parseLine(s string) logLine {
+	l := logLine{raw: s}
+	if l.err = json.Unmarshal([]byte(s), &l.fields); l.err != nil {
+		return l
+	}
+	l.Level, _ = l.fields["level"].(string)
+	l.Msg, _ = l.fields["msg"].(string)
+	if l.Level == "" || l.Msg == "" || l.fields["time"] == nil {
+		l.err = errors.New("no level, msg or time")
+	}
+	return l
+}
+
+func (p *pgflyProc) lines() []logLine {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]logLine(nil), p.out...)
+}
+
+func (p *pgflyProc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *pgflyProc) signal(tb testing.TB, sig os.Signal) {
+	tb.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		tb.Fatalf("signal %v: %v", sig, err)
+	}
+}
+
+// wait waits up to timeout for the process to exit and returns its exit status.
+func (p *pgflyProc) wait(tb testing.TB, timeout time.Duration) int {
+	tb.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		tb.Fatalf("pgfly still running %v later, want it to have exited", timeout)
+	}
+	var ee *exec.ExitError
+	switch {
+	case p.err == nil:
+		return 0
+	case errors.As(p.err, &ee):
+		return ee.ExitCode()
+	default:
+		tb.Fatalf("wait for pgfly: %v", p.err)
+		return -1
+	}
+}
+
+// waitLine polls the log until a line matches, up to timeout.
+func (p *pgflyProc) waitLine(tb testing.TB, timeout time.Duration, what string, match func(logLine) bool) logLine {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, l := range p.lines() {
+			if l.err == nil && match(l) {
+				return l
+			}
+		}
+		if p.exited() {
+			tb.Fatalf("pgfly exited (%v) before logging %s", p.err, what)
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out after %v waiting for pgfly to log %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitListening waits for the relay's "listening" line for addr.
+func (p *pgflyProc) waitListening(tb testing.TB, addr string) {
+	tb.Helper()
+	p.waitLine(tb, 10*time.Second, "listening on "+addr, func(l logLine) bool {
+		return l.Msg == "listening" && l.fields["addr"] == addr
+	})
+}
+
+func filterLines(lines []logLine, msg string) []logLine {
+	var out []logLine
+	for _, l := range lines {
+		if l.err == nil && l.Msg == msg {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// cleanEnv is the test's environment without anything pgfly would read.
+func cleanEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		switch {
+		case strings.HasPrefix(name, "PGFLY_"), strings.HasPrefix(name, "FLY_"), name == "PRIMARY_REGION":
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// freeAddr is a loopback address with a port that was free a moment ago.
+func freeAddr(tb testing.TB) string {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatalf("find a free port: %v", err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func clientURL(addr string, role pgcluster.Role) string {
+	return fmt.Sprintf("postgres://%s:%s@%s/%s?sslmode=disable", role.Name, role.Password, addr, pgcluster.Database)
+}
+
+func boundedCtx(tb testing.TB) context.Context {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	tb.Cleanup(cancel)
+	return ctx
+}
+
+// connect opens a pgx connection and closes it when the test ends.
+func connect(tb testing.TB, url string) *pgx.Conn {
+	tb.Helper()
+	conn, err := pgx.Connect(boundedCtx(tb), url)
+	if err != nil {
+		tb.Fatalf("connect %s: %v", url, err)
+	}
+	tb.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+func assertSelect1(tb testing.TB, conn *pgx.Conn) {
+	tb.Helper()
+	var n int
+	if err := conn.QueryRow(boundedCtx(tb), "select 1").Scan(&n); err != nil {
+		tb.Fatalf("select 1: %v", err)
+	}
+	if n != 1 {
+		tb.Fatalf("select 1: got %d, want 1", n)
+	}
+}
+
+func pgCode(err error) string {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.Code
+	}
+	return ""
+}
+
+// rawClient is a protocol-level client, for reading exactly what pgfly sends.
+type rawClient struct {
+	conn net.Conn
+	fe   *pgproto3.Frontend
+}
+
+// rawLogin logs in as the trust role and reads up to the first ReadyForQuery.
+func rawLogin(tb testing.TB, addr string) *rawClient {
+	tb.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		tb.Fatalf("dial %s: %v", addr, err)
+	}
+	tb.Cleanup(func() { conn.Close() })
+	c := &rawClient{conn: conn, fe: pgproto3.NewFrontend(conn, conn)}
+	c.fe.Send(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30,
+		Parameters: map[string]string{"user": pgcluster.RoleTrust.Name, "database": pgcluster.Database}})
+	if err := c.fe.Flush(); err != nil {
+		tb.Fatalf("send startup: %v", err)
+	}
+	c.readUntilReady(tb)
+	return c
+}
+
+// query runs a simple query and returns its command tag.
+func (c *rawClient) query(tb testing.TB, sql string) string {
+	tb.Helper()
+	c.fe.Send(&pgproto3.Query{String: sql})
+	if err := c.fe.Flush(); err != nil {
+		tb.Fatalf("send %s: %v", sql, err)
+	}
+	return c.readUntilReady(tb)
+}
+
+// readUntilReady reads up to a ReadyForQuery and returns the last command tag seen.
+func (c *rawClient) readUntilReady(tb testing.TB) string {
+	tb.Helper()
+	c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer c.conn.SetReadDeadline(time.Time{})
+	var tag string
+	for range 1000 {
+		msg, err := c.fe.Receive()
+		if err != nil {
+			tb.Fatalf("receive: %v", err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.CommandComplete:
+			tag = string(m.CommandTag)
+		case *pgproto3.ErrorResponse:
+			tb.Fatalf("got error %s %s: %s", m.Severity, m.Code, m.Message)
+		case *pgproto3.ReadyForQuery:
+			return tag
+		}
+	}
+	tb.Fatalf("no ReadyForQuery in 1000 messages")
+	return ""
+}
