@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 )
 
@@ -13,6 +14,15 @@ const headerLen = 5
 
 // DefaultBufferSize is the per-direction buffer a session holds for its whole life.
 const DefaultBufferSize = 8 << 10
+
+// largeBufferSize is the buffer a pump borrows while it streams a message larger than its
+// own buffer.
+const largeBufferSize = 64 << 10
+
+var largeBuffers = sync.Pool{New: func() any {
+	b := make([]byte, largeBufferSize)
+	return &b
+}}
 
 // inspectFunc looks at one message before it is forwarded. msg is the whole message, header
 // included, when whole is true; otherwise it is the header and a prefix of the body (the
@@ -143,12 +153,16 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 		return err
 	}
 	p.midMessage = true
-	// A plain loop over the pump's buffer: io.CopyBuffer would need a LimitedReader and a
-	// writer wrapper, two allocations per large message.
+	// The rest goes through a larger buffer borrowed for this message only: sessions stay
+	// small while idle, and big values move in few syscalls. A plain loop, because
+	// io.CopyBuffer would need a LimitedReader and a writer wrapper, two allocations.
+	bp := largeBuffers.Get().(*[]byte)
+	defer largeBuffers.Put(bp)
+	buf := *bp
 	for rest := size - len(head); rest > 0; {
-		nr, err := p.src.Read(p.buf[:min(rest, len(p.buf))])
+		nr, err := p.src.Read(buf[:min(rest, len(buf))])
 		if nr > 0 {
-			if werr := p.write(p.buf[:nr]); werr != nil {
+			if werr := p.write(buf[:nr]); werr != nil {
 				return werr
 			}
 			rest -= nr
