@@ -105,7 +105,7 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		MaxMessageSize: cfg.MaxMessageSize,
 	}, ev, log.Named("wire"))
 	if err != nil {
-		return nil, fmt.Errorf("upstream: %w", err)
+		return nil, err
 	}
 	s.metrics = newMetrics(s.relay, s.shim, monitor)
 	if cfg.AdminListen != "" {
@@ -117,19 +117,19 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 // Listen binds every listener, so that ports are known before Start.
 func (s *Sidecar) Listen() error {
 	if err := s.relay.Listen(); err != nil {
-		return err
+		return fmt.Errorf("postgres listener (--listen): %w", err)
 	}
 	if s.shim != nil {
 		if err := s.shim.Listen(); err != nil {
 			s.relay.Close()
-			return err
+			return fmt.Errorf("http listener (--http-listen): %w", err)
 		}
 	}
 	if s.admin != nil {
 		ln, err := net.Listen("tcp", s.cfg.AdminListen)
 		if err != nil {
 			s.Close()
-			return fmt.Errorf("listen %s: %w", s.cfg.AdminListen, err)
+			return fmt.Errorf("admin listener (--admin-listen): listen %s: %w", s.cfg.AdminListen, err)
 		}
 		s.adminLn = ln
 	}
