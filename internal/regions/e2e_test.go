@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/cookiejar"
 	"net/url"
 	"os"
 	"strings"
@@ -80,25 +81,7 @@ type reply struct {
 
 func do(tb testing.TB, method, u string, body io.Reader, header http.Header) reply {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, u, body)
-	if err != nil {
-		tb.Fatalf("new request: %v", err)
-	}
-	for k, v := range header {
-		req.Header[k] = v
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		tb.Fatalf("%s %s: %v", method, u, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		tb.Fatalf("read body of %s %s: %v", method, u, err)
-	}
-	return reply{resp.StatusCode, resp.Header.Get(sampleapp.RegionHeader), resp.Header.Get(edge.TrailHeader), string(b), resp.Header}
+	return doWith(tb, http.DefaultClient, method, u, body, header)
 }
 
 func postForm(tb testing.TB, u string, form url.Values) reply {
@@ -462,10 +445,10 @@ func TestWhatIsNeverReplayed(t *testing.T) {
 		got := do(t, http.MethodPut, fra+"/echo?a=1&b=two", strings.NewReader(body),
 			http.Header{"X-Custom": {"one", "two"}, "X-Forwarded-For": {"203.0.113.9"}})
 		var echo struct {
-			Method  string              `json:"method"`
-			Query   string              `json:"query"`
+			Method  string            `json:"method"`
+			Query   string            `json:"query"`
 			Headers map[string]string `json:"headers"`
-			Body    string              `json:"body"`
+			Body    string            `json:"body"`
 		}
 		if err := json.Unmarshal([]byte(got.body), &echo); err != nil {
 			t.Fatalf("decode %q: %v", got.body, err)
@@ -480,4 +463,53 @@ func TestWhatIsNeverReplayed(t *testing.T) {
 			t.Fatalf("got X-Forwarded-For %v, want it as sent", h)
 		}
 	})
+}
+
+// doWith is do with a client of the caller's, e.g. one with a cookie jar.
+func doWith(tb testing.TB, c *http.Client, method, u string, body io.Reader, header http.Header) reply {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	got, err := send(ctx, c, method, u, body, header)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return got
+}
+
+// send makes one request and reads the whole reply. It returns errors instead of failing the
+// test, so goroutines may use it.
+func send(ctx context.Context, c *http.Client, method, u string, body io.Reader, header http.Header) (reply, error) {
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
+	if err != nil {
+		return reply{}, fmt.Errorf("new request: %w", err)
+	}
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return reply{}, fmt.Errorf("%s %s: %w", method, u, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return reply{}, fmt.Errorf("read body of %s %s: %w", method, u, err)
+	}
+	return reply{resp.StatusCode, resp.Header.Get(sampleapp.RegionHeader), resp.Header.Get(edge.TrailHeader), string(b), resp.Header}, nil
+}
+
+// formHeader is the header of a form POST whose client wants JSON back.
+func formHeader() http.Header {
+	return http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Accept": {"application/json"}}
+}
+
+// browser returns a client that keeps cookies, as a browser does.
+func browser(tb testing.TB) *http.Client {
+	tb.Helper()
+	jar, err := cookiejar.New(nil)
+	if err != nil {
+		tb.Fatalf("cookie jar: %v", err)
+	}
+	return &http.Client{Jar: jar}
 }
