@@ -145,13 +145,15 @@ type Shim struct {
 	mu       sync.Mutex
 	inflight map[*request]struct{}
 
-	ln  net.Listener
-	srv *http.Server
+	ln     net.Listener
+	srv    *http.Server
+	closed bool // Shutdown or Close was called: Serve must not start
 }
 
 // request is one request in flight through the shim.
 type request struct {
 	method, path string
+	url          *url.URL // as the client sent it
 	start        time.Time
 	traceID      string
 	replayed     bool   // it came from a pgfly replay already: never replay it again
@@ -212,6 +214,7 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 		Rewrite:        s.rewrite,
 		Transport:      transport,
 		FlushInterval:  -1,
+		BufferPool:     copyBuffers{},
 		ModifyResponse: s.modifyResponse,
 		ErrorHandler:   s.errorHandler,
 	}
@@ -224,6 +227,7 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 			Rewrite:       s.rewriteToPrimary,
 			Transport:     transport,
 			FlushInterval: -1,
+			BufferPool:    copyBuffers{},
 			ErrorHandler:  s.errorHandler,
 		}
 	}
@@ -256,6 +260,10 @@ func (s *Shim) Serve() error {
 		}
 	}
 	s.mu.Lock()
+	if s.closed { // stopped before it started; the listener is closed already
+		s.mu.Unlock()
+		return nil
+	}
 	s.srv = &http.Server{Handler: s, ReadHeaderTimeout: 30 * time.Second}
 	srv := s.srv
 	s.mu.Unlock()
@@ -270,6 +278,7 @@ func (s *Shim) Serve() error {
 // Shutdown stops accepting requests and waits for those in flight, until ctx is done.
 func (s *Shim) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
+	s.closed = true
 	srv := s.srv
 	s.mu.Unlock()
 	defer s.transport.CloseIdleConnections()
@@ -282,6 +291,7 @@ func (s *Shim) Shutdown(ctx context.Context) error {
 // Close stops the shim at once. It is idempotent.
 func (s *Shim) Close() error {
 	s.mu.Lock()
+	s.closed = true
 	srv := s.srv
 	s.mu.Unlock()
 	defer s.transport.CloseIdleConnections()
@@ -313,6 +323,7 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	req := &request{
 		method:   r.Method,
 		path:     r.URL.Path,
+		url:      r.URL,
 		start:    time.Now(),
 		traceID:  traceIDOf(r.Header.Get("traceparent")),
 		replayed: replayedByPgfly(r.Header),
@@ -531,7 +542,7 @@ func (s *Shim) ReadOnly(v Violation) {
 		var only *request
 		n := 0
 		for r := range s.inflight {
-			if r.traceID == v.TraceID {
+			if r.traceID == v.TraceID && !r.upgrade {
 				only, n = r, n+1
 			}
 		}
@@ -610,18 +621,19 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 		zap.String("region", s.cfg.Region), zap.String("target_region", s.cfg.PrimaryRegion),
 		zap.String("reason", ReasonReadOnly), zap.Uint64("session", v.SessionID),
 		zap.String("sqlstate", v.Code), zap.String("match", match), zap.String("mode", string(s.cfg.Mode)))
-	discard(resp.Body)
+	appStatus := resp.StatusCode
+	go discard(resp.Body)
 	switch {
 	case req.replayed:
 		log.Error("replayed request hit a read-only database again: not replaying twice",
-			zap.Int("app_status", resp.StatusCode), zap.Duration("duration", time.Since(req.start)))
+			zap.Int("app_status", appStatus), zap.Duration("duration", time.Since(req.start)))
 		s.observe(Decision{Outcome: "loop_blocked", Reason: ReasonReadOnly, Match: match})
 		setText(resp, http.StatusServiceUnavailable,
 			"pgfly: this request was already replayed to the primary region and still hit a read-only database; not replaying it again\n")
 	case s.cfg.Mode == ModeFly:
 		setText(resp, http.StatusConflict, fmt.Sprintf("pgfly: retry in region %s: the database here refused a write\n", s.cfg.PrimaryRegion))
 		resp.Header.Set("Fly-Replay", fmt.Sprintf("region=%s;state=%s_%s", s.cfg.PrimaryRegion, StatePrefix, ReasonReadOnly))
-		log.Info("replaying in the primary region", zap.Int("app_status", resp.StatusCode), zap.Duration("duration", time.Since(req.start)))
+		log.Info("replaying in the primary region", zap.Int("app_status", appStatus), zap.Duration("duration", time.Since(req.start)))
 		s.observe(Decision{Outcome: "replayed", Reason: ReasonReadOnly, Match: match})
 	case req.bodyTooLarge:
 		log.Error("cannot replay: request body over the replay limit", zap.Int64("limit", s.cfg.MaxReplayBody))
@@ -652,9 +664,10 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 // replay sends the request to the primary region's pgfly, marked as Fly marks a replay.
 func (s *Shim) replay(out *http.Request, req *request, reason string) (*http.Response, error) {
 	u := *s.cfg.PrimaryHTTP
-	u.Path = strings.TrimSuffix(u.Path, "/") + out.URL.Path
-	u.RawPath = ""
-	u.RawQuery = out.URL.RawQuery
+	// The client's path and query, escaped as sent: out's carry the app's base URL.
+	u.RawPath = strings.TrimSuffix(u.EscapedPath(), "/") + req.url.EscapedPath()
+	u.Path = strings.TrimSuffix(u.Path, "/") + req.url.Path
+	u.RawQuery = req.url.RawQuery
 	r, err := http.NewRequestWithContext(out.Context(), req.method, u.String(), bytes.NewReader(req.body))
 	if err != nil {
 		return nil, err
@@ -683,7 +696,9 @@ func (s *Shim) observe(d Decision) {
 	}
 }
 
-// discard drains a little of a response body that will never be sent, then closes it.
+// discard drains a little of a response body that will never be sent, then closes it. It runs
+// on its own goroutine, so that an app still writing cannot hold up the replay; the read ends
+// at the latest when the shim has answered, which cancels the request to the app.
 func discard(body io.ReadCloser) {
 	io.Copy(io.Discard, io.LimitReader(body, maxDrain))
 	body.Close()
@@ -711,7 +726,8 @@ func replayedByPgfly(h http.Header) bool {
 		return true
 	}
 	for _, src := range h.Values("Fly-Replay-Src") {
-		for _, field := range strings.Split(src, ";") {
+		// Fields are split by ';', and a proxy may join several values into one with ','.
+		for _, field := range strings.FieldsFunc(src, func(c rune) bool { return c == ';' || c == ',' }) {
 			k, v, _ := strings.Cut(strings.TrimSpace(field), "=")
 			if k == "state" && strings.HasPrefix(strings.Trim(v, `"`), StatePrefix) {
 				return true
@@ -740,3 +756,12 @@ func newTraceparent() string {
 	rand.Read(b[:])
 	return "00-" + hex.EncodeToString(b[:16]) + "-" + hex.EncodeToString(b[16:]) + "-01"
 }
+
+// copyBuffers lends ReverseProxy its body copy buffers, which it would otherwise allocate
+// (32 KiB) for every request. Put boxes a slice header: far cheaper than the buffer.
+type copyBuffers struct{}
+
+var copyBufferPool = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
+
+func (copyBuffers) Get() []byte  { return copyBufferPool.Get().([]byte) }
+func (copyBuffers) Put(b []byte) { copyBufferPool.Put(b) }
