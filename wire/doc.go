@@ -7,6 +7,8 @@
 // (sessions opening and closing, read-only violations, committed writes) to an Observer that
 // the caller implements.
 //
-// wire never stores a password or a query parameter, never buffers a whole large message,
-// and never imports the packages that consume its events (router, lag).
+// wire never stores a password or a query parameter, never holds a large message whole
+// (rows, queries and COPY data stream through; only the rare server messages it decodes are
+// read whole, up to Config.MaxMessageSize), and never imports the packages that consume its
+// events (router, lag).
 package wire
