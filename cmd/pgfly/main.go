@@ -41,8 +41,11 @@ func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code)
 const usage = `pgfly: run one Postgres-backed app in many regions
 
 Usage:
-  pgfly serve [flags]    relay Postgres sessions to the nearby replica (the sidecar)
-  pgfly help             this text
+  pgfly serve [flags]             relay Postgres sessions to the nearby replica (the sidecar)
+  pgfly run [flags] -- CMD ...    the sidecar with the app as its child, DATABASE_URL and PORT set
+  pgfly demo [--scenario]         a whole two-region setup on this machine, to try pgfly
+  pgfly edge [flags]              a development stand-in for Fly's edge proxy (not a product)
+  pgfly help                      this text
 
 Run 'pgfly COMMAND -h' for a command's flags. Every flag can also be set by the
 environment variable listed beside it.
@@ -57,6 +60,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch args[0] {
 	case "serve":
 		return runServe(ctx, args[1:], stderr)
+	case "run":
+		return runRun(ctx, args[1:], stdout, stderr)
+	case "demo":
+		return runDemo(ctx, args[1:], stdout, stderr)
+	case "edge":
+		return runEdge(ctx, args[1:], stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

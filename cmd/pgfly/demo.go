@@ -1,0 +1,502 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/cookiejar"
+	"net/url"
+	"os/signal"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/pgfly/pgfly/internal/edge"
+	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/internal/regions"
+	"github.com/pgfly/pgfly/internal/sampleapp"
+	"github.com/pgfly/pgfly/router"
+)
+
+// demoStartTimeout bounds starting the whole demo setup.
+const demoStartTimeout = 2 * time.Minute
+
+// demoRequestTimeout bounds each request of the scenario.
+const demoRequestTimeout = 30 * time.Second
+
+// demoConfig is `pgfly demo`'s configuration, from flags and the environment.
+type demoConfig struct {
+	listen   string
+	scenario bool
+	logLevel string
+}
+
+func (c *demoConfig) register(fs *flagSet) {
+	fs.StringVar(&c.listen, "listen", DefaultEdgeListen, "where the demo's edge takes requests: the address to open in a browser (--scenario picks a free port unless this is set)")
+	fs.bindEnv("listen", "PGFLY_DEMO_LISTEN")
+	fs.BoolVar(&c.scenario, "scenario", false, "run a short scripted tour, print what happened, and exit")
+	fs.bindEnv("scenario", "PGFLY_DEMO_SCENARIO")
+	fs.StringVar(&c.logLevel, "log-level", "error", "level of the JSON logs every component writes to stderr: debug, info, warn or error")
+	fs.bindEnv("log-level", "PGFLY_LOG_LEVEL")
+}
+
+const demoUsage = `Usage: pgfly demo [flags]
+
+Starts a whole two-region setup on this machine and shows pgfly at work: a real PostgreSQL
+primary (region iad) and streaming replica (region fra), in each region the demo guestbook
+app behind its own pgfly, and a local stand-in for Fly's edge in front. It needs the
+PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup; set $PGFLY_PG_BIN to
+their directory if they are not found). Ctrl-C or SIGTERM stops everything and removes the
+data directory.
+
+Flags:
+`
+
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var cfg demoConfig
+	fs := newFlagSet("pgfly demo", stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), demoUsage)
+		fs.PrintDefaults()
+	}
+	cfg.register(fs)
+	if err := fs.parse(args); err != nil {
+		return err
+	}
+	listenSet := false
+	fs.Visit(func(f *flag.Flag) { listenSet = listenSet || f.Name == "listen" })
+	if cfg.scenario && !listenSet {
+		cfg.listen = "127.0.0.1:0"
+	}
+	if err := checkListen(cfg.listen); err != nil {
+		return err
+	}
+	jsonLog, err := newLogger(cfg.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	defer jsonLog.Sync()
+
+	sctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	trace := &trace{}
+	if !cfg.scenario {
+		trace.live = stdout
+	}
+	log := zap.New(zapcore.NewTee(jsonLog.Core(), &traceCore{trace: trace}))
+
+	fmt.Fprintln(stdout, "pgfly demo: starting a PostgreSQL primary and streaming replica, and in each of two regions the demo app and pgfly ...")
+	startCtx, cancel := context.WithTimeout(sctx, demoStartTimeout)
+	s, err := regions.Start(startCtx, regions.Options{Listen: cfg.listen, Log: log})
+	cancel()
+	switch {
+	case err != nil && sctx.Err() != nil:
+		fmt.Fprintln(stdout, "pgfly demo: stopped before it was ready; nothing is left running")
+		return nil
+	case errors.Is(err, pgcluster.ErrBinariesNotFound):
+		return fmt.Errorf("the demo runs a real PostgreSQL primary and replica on this machine: %w", err)
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("%w: stop what uses that address, or pick another with --listen, e.g. pgfly demo --listen 127.0.0.1:8090", err)
+	case err != nil:
+		return fmt.Errorf("start the demo: %w", err)
+	}
+	closeAll := func() error {
+		dir := s.Cluster.Dir
+		err := s.Close()
+		if err != nil {
+			return fmt.Errorf("stop the demo: %w", err)
+		}
+		fmt.Fprintf(stdout, "pgfly demo: stopped the edge, both regions' apps and pgfly, and PostgreSQL; removed %s\n", dir)
+		return nil
+	}
+
+	if cfg.scenario {
+		serr := runScenario(sctx, s, trace, stdout)
+		if cerr := closeAll(); serr == nil {
+			serr = cerr
+		}
+		return serr
+	}
+	printDemo(stdout, s)
+	<-sctx.Done()
+	fmt.Fprintln(stdout, "\npgfly demo: stopping ...")
+	trace.stopLive()
+	return closeAll()
+}
+
+// checkListen fails, with what to do, when the edge's address is taken.
+func checkListen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("cannot listen on %s: it is already in use; stop what uses it (another pgfly demo?), or pick another address with --listen, e.g. pgfly demo --listen 127.0.0.1:8090", addr)
+		}
+		return fmt.Errorf("cannot listen on %s: %w; pick another address with --listen", addr, err)
+	}
+	return ln.Close()
+}
+
+// printDemo tells what runs where and what to try.
+func printDemo(w io.Writer, s *regions.Setup) {
+	health := func(r *regions.Region) string { return r.AdminURL + "/health" }
+	fmt.Fprintf(w, `
+pgfly demo is running. Open %[1]s/ in a browser.
+
+  edge      %[1]s   a stand-in for Fly's edge; sends requests to %[2]s first
+  %-9[2]s replica region   app %[3]s   pgfly %[4]s   health %[5]s
+  %-9[6]s primary region   app %[7]s   pgfly %[8]s   health %[9]s
+  postgres  primary %[10]s, replica %[11]s (user postgres, database pgfly)
+            data in %[12]s, removed when the demo stops
+
+Try:
+  1. Open the page: %[2]s served it, reading from its replica.
+  2. Sign the guestbook. %[2]s's replica refuses the INSERT; pgfly there answers fly-replay and
+     the edge runs the same request again in %[6]s. The page you come back to is served by %[2]s
+     and shows your entry: your pgfly_lsn bookmark made %[2]s wait until its replica had it.
+  3. The same from a terminal (look at X-Edge-Trail and X-App-Region):
+       curl -si -d name=curl %[1]s/items
+  4. A write sent to the primary region directly is not replayed:
+       curl -si -H 'fly-prefer-region: %[6]s' -d name=direct %[1]s/items
+  5. pgfly's view of each region (role, replay position, lag):
+       curl -s %[5]s
+       curl -s %[9]s
+
+Ctrl-C stops everything. What happens, as it happens:
+`, s.EdgeURL, s.Replica.Name, s.Replica.AppURL, s.Replica.ShimURL, health(s.Replica),
+		s.Primary.Name, s.Primary.AppURL, s.Primary.ShimURL, health(s.Primary),
+		s.Cluster.Primary.Addr(), s.Cluster.Replica.Addr(), s.Cluster.Dir)
+}
+
+// scenarioStep is one request of the scripted tour.
+type scenarioStep struct {
+	title  string
+	method string
+	path   string
+	form   url.Values
+	accept string
+	// check says what the answer must be; an error fails the scenario.
+	check func(a *answer) error
+}
+
+// answer is what the scenario's client got back, and what pgfly and the edge logged
+// meanwhile.
+type answer struct {
+	status       int
+	trail        string // X-Edge-Trail
+	region       string // X-App-Region
+	body         string
+	bookmark     string // a pgfly_lsn cookie the response set
+	events       []traceEvent
+	replayReason string // why pgfly asked for a replay, from its log
+}
+
+// runScenario walks through the setup without interaction and prints a transcript.
+func runScenario(ctx context.Context, s *regions.Setup, tr *trace, w io.Writer) error {
+	replica, primary := s.Replica.Name, s.Primary.Name
+	guest := fmt.Sprintf("scenario-guest-%d", time.Now().UnixNano()%1_000_000)
+	jar, _ := cookiejar.New(nil)
+	client := &http.Client{
+		Jar:           jar,
+		Timeout:       demoRequestTimeout,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	const html = "text/html"
+	steps := []scenarioStep{
+		{title: "A read: the guestbook page, as a browser asks for it", method: http.MethodGet, path: "/", accept: html,
+			check: func(a *answer) error {
+				return want(a.status == http.StatusOK && a.trail == replica, "200 served in %s, not replayed", replica)
+			}},
+		{title: "A write: sign the guestbook as " + guest, method: http.MethodPost, path: "/items", accept: html,
+			form: url.Values{"name": {guest}},
+			check: func(a *answer) error {
+				if err := want(a.status == http.StatusSeeOther && a.trail == replica+">"+primary && a.region == primary,
+					"303 after a replay %s>%s", replica, primary); err != nil {
+					return err
+				}
+				return want(a.bookmark != "", "a %s bookmark cookie", router.BookmarkCookie)
+			}},
+		{title: "Follow the redirect: the page again, with the bookmark", method: http.MethodGet, path: "/", accept: html,
+			check: func(a *answer) error {
+				return want(a.status == http.StatusOK && strings.Contains(a.body, guest), "200 showing %s", guest)
+			}},
+		{title: "A read-only API call: list the entries as JSON", method: http.MethodGet, path: "/items", accept: "application/json",
+			check: func(a *answer) error {
+				var items []sampleapp.Item
+				if err := json.Unmarshal([]byte(a.body), &items); err != nil {
+					return fmt.Errorf("decode %q: %w", a.body, err)
+				}
+				found := slices.ContainsFunc(items, func(it sampleapp.Item) bool { return it.Name == guest })
+				return want(a.status == http.StatusOK && a.trail == replica && found, "200 from %s listing %s", replica, guest)
+			}},
+	}
+
+	fmt.Fprintf(w, "\nScenario: %s is the primary region, %s a replica region; every request goes to the edge at %s, which sends it to %s first.\n",
+		primary, replica, s.EdgeURL, replica)
+	var failed []string
+	for i, st := range steps {
+		fmt.Fprintf(w, "\n%d. %s\n   %s %s\n", i+1, st.title, st.method, st.path)
+		a, err := scenarioRequest(ctx, client, tr, s.EdgeURL, st)
+		if err != nil {
+			fmt.Fprintf(w, "   failed: %v\n", err)
+			failed = append(failed, fmt.Sprintf("step %d: %v", i+1, err))
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		for _, ev := range a.events {
+			fmt.Fprintf(w, "   %s\n", ev)
+		}
+		fmt.Fprintf(w, "   -> %d %s, ran in %s (X-Edge-Trail: %s, X-App-Region: %s)\n",
+			a.status, http.StatusText(a.status), strings.ReplaceAll(a.trail, ">", " then "), a.trail, a.region)
+		if strings.Contains(a.trail, ">") {
+			fmt.Fprintf(w, "   replayed: yes, %s: %s\n", a.trail, a.replayReason)
+		} else {
+			fmt.Fprintf(w, "   replayed: no, %s\n", a.servedBecause(replica))
+		}
+		if a.bookmark != "" {
+			fmt.Fprintf(w, "   bookmark: %s=%s, the primary's WAL position after this write\n", router.BookmarkCookie, a.bookmark)
+		}
+		if st.method == http.MethodGet && st.path == "/" && i > 0 {
+			fmt.Fprintf(w, "   the page shows %s: %s\n", guest, yesNo(strings.Contains(a.body, guest)))
+		}
+		if err := st.check(a); err != nil {
+			fmt.Fprintf(w, "   unexpected: %v\n", err)
+			failed = append(failed, fmt.Sprintf("step %d: %v", i+1, err))
+		}
+	}
+	if len(failed) > 0 {
+		fmt.Fprintf(w, "\nScenario failed.\n")
+		return fmt.Errorf("scenario: %s", strings.Join(failed, "; "))
+	}
+	fmt.Fprintf(w, "\nScenario done: the write was replayed %s>%s, and the next read, served in %s, saw it.\n", replica, primary, replica)
+	return nil
+}
+
+// scenarioRequest sends one step's request to the edge and gathers what happened.
+func scenarioRequest(ctx context.Context, client *http.Client, tr *trace, edgeURL string, st scenarioStep) (*answer, error) {
+	ctx, cancel := context.WithTimeout(ctx, demoRequestTimeout)
+	defer cancel()
+	var body io.Reader
+	if st.form != nil {
+		body = strings.NewReader(st.form.Encode())
+	}
+	req, err := http.NewRequestWithContext(ctx, st.method, edgeURL+st.path, body)
+	if err != nil {
+		return nil, err
+	}
+	if st.form != nil {
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	}
+	req.Header.Set("Accept", st.accept)
+	mark := tr.mark()
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read the answer: %w", err)
+	}
+	a := &answer{status: resp.StatusCode, trail: resp.Header.Get(edge.TrailHeader),
+		region: resp.Header.Get(sampleapp.RegionHeader), body: string(b), events: tr.since(mark)}
+	for _, c := range resp.Cookies() {
+		if c.Name == router.BookmarkCookie {
+			a.bookmark = c.Value
+		}
+	}
+	for _, ev := range a.events {
+		if r := ev.replayReason(); r != "" {
+			a.replayReason = r
+		}
+	}
+	if a.replayReason == "" {
+		a.replayReason = "a region answered with fly-replay"
+	}
+	return a, nil
+}
+
+// servedBecause says why a request that was not replayed could run where it ran.
+func (a *answer) servedBecause(region string) string {
+	for _, ev := range a.events {
+		if ev.msg == msgBookmarkWait && ev.str("outcome") == "caught_up" {
+			return fmt.Sprintf("it carried bookmark %s and the replica in %s had replayed it, so %s served it", ev.str("lsn"), region, region)
+		}
+	}
+	return fmt.Sprintf("nothing in it wrote, so the replica in %s served it", region)
+}
+
+func want(ok bool, format string, args ...any) error {
+	if ok {
+		return nil
+	}
+	return fmt.Errorf("want "+format, args...)
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+// trace keeps the log events that tell what happened to a request (the edge's hops,
+// pgfly's replay decisions and bookmark waits) and, in the interactive demo, prints them as
+// they happen.
+type trace struct {
+	mu     sync.Mutex
+	events []traceEvent
+	live   io.Writer // nil: keep only
+}
+
+// traceEvent is one log entry the trace keeps.
+type traceEvent struct {
+	time   time.Time
+	logger string
+	msg    string
+	fields map[string]any
+}
+
+func (t *trace) add(ev traceEvent) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.events = append(t.events, ev)
+	if t.live != nil {
+		fmt.Fprintf(t.live, "  %s  %s\n", ev.time.Format("15:04:05.000"), ev)
+	}
+}
+
+func (t *trace) stopLive() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.live = nil
+}
+
+func (t *trace) mark() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.events)
+}
+
+func (t *trace) since(mark int) []traceEvent {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return slices.Clone(t.events[mark:])
+}
+
+// str returns a field as text, "" when absent.
+func (ev traceEvent) str(k string) string {
+	v, ok := ev.fields[k]
+	if !ok || v == nil {
+		return ""
+	}
+	if d, ok := v.(time.Duration); ok {
+		if d < 100*time.Microsecond {
+			return "<0.1ms"
+		}
+		return d.Round(100 * time.Microsecond).String()
+	}
+	return fmt.Sprint(v)
+}
+
+func (ev traceEvent) request() string { return ev.str("method") + " " + ev.str("path") }
+
+// replayReason explains, from pgfly's log, why a request was replayed; "" for other events.
+func (ev traceEvent) replayReason() string {
+	if ev.msg != msgReplaying {
+		return ""
+	}
+	switch ev.str("reason") {
+	case router.ReasonReadOnly:
+		return fmt.Sprintf("the database in %s is a read-only replica and refused the write (SQLSTATE %s), so pgfly there answered fly-replay: region=%s",
+			ev.str("region"), ev.str("sqlstate"), ev.str("target_region"))
+	case router.ReasonLag:
+		return fmt.Sprintf("the replica in %s had not replayed the request's bookmark in time, so pgfly there answered fly-replay: region=%s",
+			ev.str("region"), ev.str("target_region"))
+	}
+	return "pgfly asked for a replay (" + ev.str("reason") + ")"
+}
+
+// String is the event as one line of the demo's output.
+func (ev traceEvent) String() string {
+	region := ev.str("region")
+	switch ev.msg {
+	case msgHop:
+		switch {
+		case ev.str("error") != "":
+			return fmt.Sprintf("edge  %s -> %s: failed: %s", ev.request(), ev.str("to"), ev.str("error"))
+		case ev.str("replay") != "":
+			return fmt.Sprintf("edge  %s -> %s: %s with fly-replay: %s", ev.request(), ev.str("to"), ev.str("status"), ev.str("replay"))
+		case ev.str("from") != "":
+			return fmt.Sprintf("edge  %s -> %s: %s (replayed from %s, fly-replay-src state=%s)", ev.request(), ev.str("to"), ev.str("status"), ev.str("from"), ev.str("state"))
+		}
+		return fmt.Sprintf("edge  %s -> %s: %s", ev.request(), ev.str("to"), ev.str("status"))
+	case msgViolation:
+		return fmt.Sprintf("%s   pgfly: the database refused a write: %s (SQLSTATE %s)", region, ev.str("message"), ev.str("sqlstate"))
+	case msgReplaying:
+		return fmt.Sprintf("%s   pgfly: %s: answering fly-replay: region=%s (reason %s)", region, ev.request(), ev.str("target_region"), ev.str("reason"))
+	case msgBookmarkWait:
+		if ev.str("outcome") == "caught_up" {
+			return fmt.Sprintf("%s   pgfly: %s carries bookmark %s; the replica had replayed it after %s", region, ev.str("path"), ev.str("lsn"), ev.str("waited"))
+		}
+		return fmt.Sprintf("%s   pgfly: %s carries bookmark %s; the replica had not replayed it after %s (%s)", region, ev.str("path"), ev.str("lsn"), ev.str("waited"), ev.str("outcome"))
+	}
+	return fmt.Sprintf("%s   %s: %s", region, ev.logger, ev.msg)
+}
+
+// The log messages the trace keeps, by the logger that writes them.
+const (
+	msgHop          = "hop"                             // internal/edge
+	msgViolation    = "read-only violation"             // internal/sidecar
+	msgReplaying    = "replaying in the primary region" // router
+	msgBookmarkWait = "bookmark wait"                   // router, at debug level
+	msgLoopBlocked  = "replayed request hit a read-only database again: not replaying twice"
+	msgReplayFailed = "replay to the primary region failed"
+)
+
+// traceCore is a zapcore.Core that hands the entries a trace keeps to it, whatever the
+// level of the JSON logs.
+type traceCore struct {
+	trace  *trace
+	fields []zapcore.Field
+}
+
+func (c *traceCore) Enabled(zapcore.Level) bool { return true }
+
+func (c *traceCore) With(fields []zapcore.Field) zapcore.Core {
+	return &traceCore{trace: c.trace, fields: append(slices.Clone(c.fields), fields...)}
+}
+
+func (c *traceCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	switch e.Message {
+	case msgHop, msgViolation, msgReplaying, msgBookmarkWait, msgLoopBlocked, msgReplayFailed:
+		return ce.AddCore(e, c)
+	}
+	return ce
+}
+
+func (c *traceCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
+	enc := zapcore.NewMapObjectEncoder()
+	for _, f := range c.fields {
+		f.AddTo(enc)
+	}
+	for _, f := range fields {
+		f.AddTo(enc)
+	}
+	c.trace.add(traceEvent{time: e.Time, logger: e.LoggerName, msg: e.Message, fields: enc.Fields})
+	return nil
+}
+
+func (c *traceCore) Sync() error { return nil }

@@ -1,0 +1,445 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/internal/sidecar"
+)
+
+// DefaultAppStartTimeout is how long `pgfly run` waits for the app to listen on its port.
+const DefaultAppStartTimeout = 60 * time.Second
+
+// Fly Postgres conventions (fly.io/docs/postgres): port 5432 goes through HAProxy to the
+// writable leader, port 5433 straight to the member it reaches, and the DNS name
+// top1.nearest.of.<app>.internal resolves to the member nearest to the asking machine.
+const (
+	flyReplicaPort     = "5433"
+	flyNearestPrefix   = "top1.nearest.of."
+	flyInternalSuffix  = ".internal"
+	appAddrPollEvery   = 100 * time.Millisecond
+	appAddrDialTimeout = time.Second
+)
+
+// forwardedSignals are passed on to the app. SIGTERM and SIGINT also mean "stop": pgfly
+// keeps relaying until the app has exited, then stops itself.
+var forwardedSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2}
+
+// runConfig is `pgfly run`'s configuration: the sidecar's flags plus the app's.
+type runConfig struct {
+	serveConfig
+	appStartTimeout time.Duration
+}
+
+func (c *runConfig) register(fs *flagSet) {
+	c.serveConfig.register(fs)
+	fs.Lookup("upstream").Usage = "nearby Postgres URL sessions are relayed to; default: $DATABASE_URL in the primary region, its nearest replica elsewhere [$PGFLY_UPSTREAM]"
+	fs.Lookup("primary").Usage = "primary Postgres URL, for bookmarks and lag; default: $DATABASE_URL [$PGFLY_PRIMARY]"
+	fs.DurationVar(&c.appStartTimeout, "app-start-timeout", DefaultAppStartTimeout, "how long the app may take to listen on the --app port before pgfly stops it and exits")
+	fs.bindEnv("app-start-timeout", "PGFLY_APP_START_TIMEOUT")
+}
+
+const runUsage = `Usage: pgfly run [flags] -- CMD [ARGS...]
+
+Runs pgfly and the app beside it, as the app's parent: the one-line way to put pgfly in
+an app's container.
+
+It reads the app's DATABASE_URL. Outside the primary region ($FLY_REGION differs from
+$PRIMARY_REGION) pgfly relays to the nearest replica by Fly Postgres conventions: port
+5433, and host top1.nearest.of.<host> when the host ends in .internal; --upstream says
+otherwise. In the primary region, and when $FLY_REGION is unset, it relays to DATABASE_URL
+itself. DATABASE_URL is also the primary (--primary).
+
+It then starts CMD with DATABASE_URL pointing at pgfly on this machine (same user,
+password, database and parameters; sslmode=disable, since the connection never leaves the
+machine, unless --tls-cert is set) and PORT set to the --app URL's port, where the HTTP
+shim forwards requests. It waits for the app to listen there, passes SIGTERM, SIGINT,
+SIGHUP, SIGUSR1 and SIGUSR2 on to the app's process group, keeps relaying until the app
+exits, and exits with the app's status. If the app exits, pgfly exits too.
+
+Flags:
+`
+
+func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flagArgs, argv := splitCommand(args)
+	var cfg runConfig
+	fs := newFlagSet("pgfly run", stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), runUsage)
+		fs.PrintDefaults()
+	}
+	cfg.register(fs)
+	if err := fs.parse(flagArgs); err != nil {
+		if !errors.Is(err, flag.ErrHelp) && !slices.Contains(args, "--") {
+			return fmt.Errorf("%w (the app's command goes after --: pgfly run [flags] -- CMD [ARGS...])", err)
+		}
+		return err
+	}
+	if argv == nil {
+		fs.Usage()
+		return errors.New("pgfly run needs the app's command after --, e.g. pgfly run -- bin/rails server")
+	}
+	original := os.Getenv("DATABASE_URL")
+	if original == "" {
+		return errors.New("$DATABASE_URL is not set: pgfly run rewrites the app's DATABASE_URL to point at pgfly, so set it to the URL the app would use without pgfly (on Fly, `fly postgres attach` sets it)")
+	}
+	sc, app, how, err := cfg.resolve(original)
+	if err != nil {
+		return err
+	}
+	appAddr := hostPort(app)
+	_, appPort, _ := net.SplitHostPort(appAddr)
+
+	log, err := newLogger(cfg.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+	defer log.Sync()
+	log.Info("upstream chosen", zap.String("upstream", redact(cfg.upstream)), zap.String("how", how),
+		zap.String("region", cfg.region), zap.String("primary_region", cfg.primaryRegion))
+
+	pgfly, err := sidecar.New(sc, log)
+	if err != nil {
+		return err
+	}
+	if err := pgfly.Listen(); err != nil {
+		return err
+	}
+	dbURL, err := appDatabaseURL(original, loopback(pgfly.PostgresAddr()), sc.TLS != nil)
+	if err != nil {
+		pgfly.Close()
+		return err
+	}
+	shim := sc.HTTPListen != ""
+	if shim && listening(appAddr) {
+		pgfly.Close()
+		return fmt.Errorf("something already listens on %s, where the app is to listen (PORT=%s): stop it, or point --app at a free port", appAddr, appPort)
+	}
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, forwardedSignals...)
+	defer signal.Stop(sigs)
+
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = childEnv(os.Environ(), dbURL, appPort)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, stdout, stderr
+	// Its own process group, so that a signal pgfly passes on reaches every process of the
+	// app (a shell wrapper's children too) exactly once, even when a terminal also sent it
+	// to pgfly's group.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	pgfly.Start()
+	if err := cmd.Start(); err != nil {
+		pgfly.Close()
+		return fmt.Errorf("start the app: %w", err)
+	}
+	started := time.Now()
+	log.Info("app started", zap.Int("pid", cmd.Process.Pid), zap.String("command", argv[0]),
+		zap.String("port", appPort), zap.String("database_url", redact(dbURL)))
+	r := &runner{cmd: cmd, log: log}
+
+	childDone := make(chan error, 1)
+	go func() { childDone <- cmd.Wait() }()
+	waitCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pgflyDone := make(chan error, 1)
+	go func() { pgflyDone <- pgfly.Wait(waitCtx) }()
+	ready := make(chan error, 1)
+	if shim {
+		go func() { ready <- waitListening(waitCtx, appAddr, cfg.appStartTimeout) }()
+	} else {
+		log.Info("no HTTP shim (--http-listen is empty): not waiting for the app to listen")
+	}
+
+	var (
+		failure error            // why pgfly stops the app, when it is not the app's own doing
+		kill    <-chan time.Time // when an app that was asked to stop gets SIGKILL
+		done    = ctx.Done()
+	)
+	stop := func(sig os.Signal) {
+		if kill == nil {
+			kill = time.After(cfg.shutdownTimeout)
+		}
+		r.signal(sig)
+	}
+	for {
+		select {
+		case err := <-ready:
+			switch {
+			case err == nil:
+				log.Info("app is listening", zap.String("addr", appAddr), zap.Duration("after", time.Since(started)))
+			case failure == nil && kill == nil && waitCtx.Err() == nil:
+				failure = fmt.Errorf("the app did not listen on %s within %v (--app-start-timeout): does it listen on $PORT (%s)? point --app at where it listens", appAddr, cfg.appStartTimeout, appPort)
+				log.Error("stopping the app", zap.Error(failure))
+				stop(syscall.SIGTERM)
+			}
+		case sig := <-sigs:
+			if sig == syscall.SIGTERM || sig == syscall.SIGINT {
+				if kill == nil {
+					log.Info("passing the signal to the app; pgfly stops once it has exited",
+						zap.Stringer("signal", sig), zap.Duration("timeout", cfg.shutdownTimeout))
+				}
+				stop(sig)
+				continue
+			}
+			r.signal(sig)
+		case <-done:
+			done = nil
+			log.Info("stopping the app", zap.Error(ctx.Err()))
+			stop(syscall.SIGTERM)
+		case err := <-pgflyDone:
+			pgflyDone = nil
+			if err == nil || errors.Is(err, context.Canceled) {
+				continue
+			}
+			failure = err
+			log.Error("pgfly failed: stopping the app", zap.Error(err))
+			stop(syscall.SIGTERM)
+		case <-kill:
+			log.Warn("the app did not exit in time (--shutdown-timeout): killing it", zap.Duration("timeout", cfg.shutdownTimeout))
+			r.signal(syscall.SIGKILL)
+			kill = make(chan time.Time) // never again
+		case err := <-childDone:
+			cancel()
+			code := exitCode(cmd, err)
+			fields := []zap.Field{zap.Int("status", code), zap.Duration("ran", time.Since(started))}
+			if kill == nil && failure == nil {
+				log.Error("the app exited on its own: stopping pgfly", fields...)
+			} else {
+				log.Info("the app exited", fields...)
+			}
+			// Whatever the app left behind in its process group goes with it.
+			r.signal(syscall.SIGTERM)
+			sctx, scancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+			if err := pgfly.Shutdown(sctx); err != nil {
+				log.Warn("shutdown", zap.Error(err))
+			}
+			scancel()
+			pgfly.Close()
+			log.Info("stopped")
+			switch {
+			case failure != nil:
+				return failure
+			case code != 0:
+				return exitError{code}
+			}
+			return nil
+		}
+	}
+}
+
+// resolve fills in what run derives from the app's DATABASE_URL (the upstream and the
+// primary, unless set) and checks the flags together. It returns the sidecar's
+// configuration, the app's URL, and how the upstream was chosen.
+func (c *runConfig) resolve(original string) (sc sidecar.Config, app *url.URL, how string, err error) {
+	how = "--upstream"
+	if c.upstream == "" {
+		if c.upstream, how, err = defaultUpstream(original, c.region, c.primaryRegion); err != nil {
+			return sc, nil, "", err
+		}
+	}
+	if c.primary == "" {
+		c.primary = original
+	}
+	if c.appStartTimeout <= 0 {
+		return sc, nil, "", fmt.Errorf("invalid value %v for flag --app-start-timeout: must be positive", c.appStartTimeout)
+	}
+	if sc, err = c.sidecarConfig(); err != nil {
+		return sc, nil, "", err
+	}
+	if app, err = httpURL("app", c.app); err != nil {
+		return sc, nil, "", err
+	}
+	return sc, app, how, nil
+}
+
+// runner signals the app's process group.
+type runner struct {
+	cmd *exec.Cmd
+	log *zap.Logger
+}
+
+func (r *runner) signal(sig os.Signal) {
+	s, ok := sig.(syscall.Signal)
+	if !ok {
+		return
+	}
+	if err := syscall.Kill(-r.cmd.Process.Pid, s); err != nil && !errors.Is(err, syscall.ESRCH) {
+		r.log.Warn("signal the app", zap.Stringer("signal", sig), zap.Error(err))
+	}
+}
+
+// exitCode is the app's exit status as a shell reports it: 128+N when signal N killed it.
+func exitCode(cmd *exec.Cmd, err error) int {
+	if cmd.ProcessState == nil {
+		return 1
+	}
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	if code := cmd.ProcessState.ExitCode(); code >= 0 {
+		return code
+	}
+	return 1
+}
+
+// splitCommand separates pgfly's flags from the app's command at the first "--". The
+// command is nil when there is no "--" or nothing after it.
+func splitCommand(args []string) (flags, argv []string) {
+	i := slices.Index(args, "--")
+	if i < 0 {
+		return args, nil
+	}
+	if i == len(args)-1 {
+		return args[:i], nil
+	}
+	return args[:i], args[i+1:]
+}
+
+// defaultUpstream picks the Postgres pgfly relays to when --upstream is not set, and says
+// why: the app's own DATABASE_URL in the primary region (or off Fly, with no region), the
+// nearest replica by Fly Postgres conventions elsewhere.
+func defaultUpstream(original, region, primaryRegion string) (upstream, how string, err error) {
+	if region == "" || primaryRegion == "" || region == primaryRegion {
+		return original, "DATABASE_URL (primary region, or no $FLY_REGION/$PRIMARY_REGION)", nil
+	}
+	u, err := parsePostgresURL(original)
+	if err != nil {
+		return "", "", err
+	}
+	host := u.Hostname()
+	if host == "" || strings.Contains(u.Host, ",") {
+		return "", "", errors.New("cannot derive the nearest replica from $DATABASE_URL (no single host in it): set --upstream")
+	}
+	if strings.HasSuffix(host, flyInternalSuffix) && !strings.HasPrefix(host, flyNearestPrefix) {
+		host = flyNearestPrefix + host
+	}
+	u.Host = net.JoinHostPort(host, flyReplicaPort)
+	return u.String(), "nearest replica of DATABASE_URL by Fly Postgres conventions (region " + region + " is not the primary region " + primaryRegion + ")", nil
+}
+
+// appDatabaseURL is the app's DATABASE_URL pointed at pgfly's address: the same user,
+// password, database and parameters, minus those that would send the app elsewhere (host,
+// hostaddr, port) or make it refuse a replica (target_session_attrs). Without TLS toward
+// pgfly it sets sslmode=disable: the connection never leaves the machine, pgfly answers
+// SSLRequest with N unless --tls-cert is set (so sslmode=require would fail), and pgfly
+// applies the original sslmode toward the real database. channel_binding and
+// sslnegotiation go with TLS, since they require it.
+func appDatabaseURL(original, pgflyAddr string, tls bool) (string, error) {
+	u, err := parsePostgresURL(original)
+	if err != nil {
+		return "", err
+	}
+	u.Host = pgflyAddr
+	q := u.Query()
+	for _, k := range []string{"host", "hostaddr", "port", "target_session_attrs"} {
+		q.Del(k)
+	}
+	if !tls {
+		q.Set("sslmode", "disable")
+		q.Del("channel_binding")
+		q.Del("sslnegotiation")
+	}
+	u.RawQuery = q.Encode()
+	return u.String(), nil
+}
+
+// parsePostgresURL parses a postgres:// or postgresql:// URL.
+func parsePostgresURL(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		return nil, errors.New("$DATABASE_URL is not a postgres:// URL (pgfly run needs the URL form, postgres://user:password@host:port/database)")
+	}
+	return u, nil
+}
+
+// childEnv is pgfly's environment with DATABASE_URL and PORT replaced.
+func childEnv(env []string, dbURL, port string) []string {
+	out := make([]string, 0, len(env)+2)
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "DATABASE_URL=") || strings.HasPrefix(kv, "PORT=") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, "DATABASE_URL="+dbURL, "PORT="+port)
+}
+
+// hostPort is an http URL's host with its port, the scheme's default when absent.
+func hostPort(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+// loopback is a listener's address as a client on this machine dials it: 127.0.0.1 for a
+// listener on every interface (Go's are dual-stack, so this holds for [::] too, and works
+// where IPv6 is off).
+func loopback(a net.Addr) string {
+	tcp, ok := a.(*net.TCPAddr)
+	if !ok {
+		return a.String()
+	}
+	ip := tcp.IP
+	if ip == nil || ip.IsUnspecified() {
+		ip = net.IPv4(127, 0, 0, 1)
+	}
+	return (&net.TCPAddr{IP: ip, Port: tcp.Port}).String()
+}
+
+// listening reports whether something accepts connections at addr.
+func listening(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, appAddrDialTimeout)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// waitListening polls addr until it accepts a connection, timeout passes, or ctx ends.
+func waitListening(ctx context.Context, addr string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	tick := time.NewTicker(appAddrPollEvery)
+	defer tick.Stop()
+	var d net.Dialer
+	for {
+		dctx, dcancel := context.WithTimeout(ctx, appAddrDialTimeout)
+		c, err := d.DialContext(dctx, "tcp", addr)
+		dcancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// redact hides a URL's password, for logs.
+func redact(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
