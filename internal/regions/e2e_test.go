@@ -1,11 +1,13 @@
 package regions_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
@@ -512,4 +514,37 @@ func browser(tb testing.TB) *http.Client {
 		tb.Fatalf("cookie jar: %v", err)
 	}
 	return &http.Client{Jar: jar}
+}
+
+// TestWebSocketPassesThrough upgrades a connection through the edge and fra's pgfly to the
+// app, and echoes bytes over it.
+func TestWebSocketPassesThrough(t *testing.T) {
+	w := start(t, regions.Options{})
+	conn, err := net.DialTimeout("tcp", strings.TrimPrefix(w.EdgeURL, "http://"), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(conn, "GET /ws HTTP/1.1\r\nHost: example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("read the upgrade response: %v", err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get(sampleapp.RegionHeader) != "fra" {
+		t.Fatalf("got %d from region %q, want 101 from fra", resp.StatusCode, resp.Header.Get(sampleapp.RegionHeader))
+	}
+	for _, msg := range []string{"hello\n", "pgfly\n"} {
+		if _, err := io.WriteString(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(br, got); err != nil {
+			t.Fatalf("read the echo: %v", err)
+		}
+		if string(got) != msg {
+			t.Fatalf("got echo %q, want %q", got, msg)
+		}
+	}
 }
