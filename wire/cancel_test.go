@@ -59,22 +59,12 @@ func TestContextCancelStopsUpstreamQuery(t *testing.T) {
 			if tt.handler != nil {
 				cfg.BuildContextWatcherHandler = tt.handler
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			conn, err := pgx.ConnectConfig(ctx, cfg)
-			if err != nil {
-				t.Fatalf("connect: %v", err)
-			}
-			defer conn.Close(context.Background())
+			conn := connectConfig(t, cfg)
 
 			tag := "cancel-ctx-" + rand.Text()
 			qctx, qcancel := context.WithCancel(context.Background())
 			defer qcancel()
-			done := make(chan error, 1)
-			go func() {
-				_, err := conn.Exec(qctx, "select pg_sleep(30) /* "+tag+" */")
-				done <- err
-			}()
+			done := execAsync(qctx, conn, "select pg_sleep(30) /* "+tag+" */")
 			waitRunning(t, admin, tag)
 			time.Sleep(200 * time.Millisecond) // let the statement be well under way
 			qcancel()
@@ -179,11 +169,7 @@ func TestCancelRequestNeedsALiveSessionKey(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tag := "cancel-key-" + rand.Text()
-			done := make(chan error, 1)
-			go func() {
-				_, err := tt.target.Exec(context.Background(), "select pg_sleep(1) /* "+tag+" */")
-				done <- err
-			}()
+			done := execAsync(context.Background(), tt.target, "select pg_sleep(1) /* "+tag+" */")
 			waitRunning(t, admin, tag)
 			before := forwarded.FilterMessage("cancel request forwarded").Len()
 			sendCancel(t, r.Addr().String(), tt.key)
@@ -273,19 +259,9 @@ func TestVanishingClientsQueryIsCancelled(t *testing.T) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, addr)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.ConnectConfig(ctx, cfg)
-		if err != nil {
-			t.Fatalf("connect: %v", err)
-		}
-		defer conn.Close(context.Background())
+		conn := connectConfig(t, cfg)
 		tag := "vanish-" + rand.Text()
-		done := make(chan error, 1)
-		go func() {
-			_, err := conn.Exec(context.Background(), "select pg_sleep(30) /* "+tag+" */")
-			done <- err
-		}()
+		done := execAsync(context.Background(), conn, "select pg_sleep(30) /* "+tag+" */")
 		waitRunning(t, admin, tag)
 		addr := conn.PgConn().Conn().LocalAddr().String()
 		conn.PgConn().Conn().Close()

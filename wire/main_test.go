@@ -43,13 +43,19 @@ type relay struct {
 }
 
 // startRelay starts a relay on 127.0.0.1:0 in front of upstream (a Postgres URL) and closes
-// it when the test ends. cfg's Listen and Upstream are filled in.
+// it when the test ends. cfg's Listen and Upstream are filled in. It logs to the test's output.
 func startRelay(tb testing.TB, upstream string, cfg wire.Config) *relay {
+	tb.Helper()
+	return startRelayWithLog(tb, upstream, cfg, testLogger(tb))
+}
+
+// startRelayWithLog is startRelay with the caller's logger, for tests that read the logs.
+func startRelayWithLog(tb testing.TB, upstream string, cfg wire.Config, log *zap.Logger) *relay {
 	tb.Helper()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Upstream = upstream
 	rec := &recorder{}
-	srv, err := wire.NewServer(cfg, rec, testLogger(tb))
+	srv, err := wire.NewServer(cfg, rec, log)
 	if err != nil {
 		tb.Fatalf("NewServer: %v", err)
 	}
@@ -105,16 +111,41 @@ func (r *relay) connect(tb testing.TB, params ...string) *pgx.Conn {
 	return connectURL(tb, r.url(pgcluster.RoleSuperuser, params...))
 }
 
+// connectURL opens a pgx connection to url and closes it when the test ends.
 func connectURL(tb testing.TB, url string) *pgx.Conn {
+	tb.Helper()
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		tb.Fatalf("connect %s: %v", url, err)
+	}
+	return connectConfig(tb, cfg)
+}
+
+// connectConfig opens a pgx connection with cfg and closes it when the test ends.
+func connectConfig(tb testing.TB, cfg *pgx.ConnConfig) *pgx.Conn {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		tb.Fatalf("connect %s: %v", cfg.ConnString(), err)
+	}
+	tb.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// connectErr connects to url expecting to be refused, and returns the error. If it
+// connects, it fails the test with "<what>: got no error, want <want>".
+func connectErr(tb testing.TB, url, what, want string) error {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		tb.Fatalf("connect %s: %v", url, err)
+	if err == nil {
+		conn.Close(ctx)
+		tb.Fatalf("%s: got no error, want %s", what, want)
 	}
-	tb.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return err
 }
 
 // testLogger logs to the test's output at debug level, so failures come with the relay's view.
@@ -202,4 +233,14 @@ func (r *recorder) Opened() []wire.SessionInfo {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]wire.SessionInfo(nil), r.opened...)
+}
+
+// execAsync runs sql on conn in a goroutine and returns the channel its error arrives on.
+func execAsync(ctx context.Context, conn *pgx.Conn, sql string) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.Exec(ctx, sql)
+		done <- err
+	}()
+	return done
 }

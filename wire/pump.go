@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"sync"
 	"sync/atomic"
 )
 
@@ -19,10 +18,26 @@ const DefaultBufferSize = 8 << 10
 // own buffer.
 const largeBufferSize = 64 << 10
 
-var largeBuffers = sync.Pool{New: func() any {
-	b := make([]byte, largeBufferSize)
-	return &b
-}}
+// largeBuffers keeps a few large buffers for reuse. A channel rather than a sync.Pool: a Pool
+// may drop what it is given (the race detector makes it do so on purpose), and a dropped
+// buffer is an allocation on the hot path of every large row.
+var largeBuffers = make(chan []byte, 32)
+
+func getLargeBuffer() []byte {
+	select {
+	case b := <-largeBuffers:
+		return b
+	default:
+		return make([]byte, largeBufferSize)
+	}
+}
+
+func putLargeBuffer(b []byte) {
+	select {
+	case largeBuffers <- b:
+	default: // enough are kept; let this one go
+	}
+}
 
 // inspectFunc looks at one message before it is forwarded. msg is the whole message, header
 // included, when whole is true; otherwise it is the header and a prefix of the body (the
@@ -156,9 +171,8 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 	// The rest goes through a larger buffer borrowed for this message only: sessions stay
 	// small while idle, and big values move in few syscalls. A plain loop, because
 	// io.CopyBuffer would need a LimitedReader and a writer wrapper, two allocations.
-	bp := largeBuffers.Get().(*[]byte)
-	defer largeBuffers.Put(bp)
-	buf := *bp
+	buf := getLargeBuffer()
+	defer putLargeBuffer(buf)
 	for rest := size - len(head); rest > 0; {
 		nr, err := p.src.Read(buf[:min(rest, len(buf))])
 		if nr > 0 {

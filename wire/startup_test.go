@@ -23,7 +23,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
-	"go.uber.org/zap"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/wire"
@@ -41,13 +40,8 @@ func TestSSLRequestWithoutTLSIsAnsweredN(t *testing.T) {
 
 	t.Run("raw SSLRequest", func(t *testing.T) {
 		c := dialRaw(t, r.Addr().String())
-		c.write(t, requestPacket(sslRequestCode))
-		var b [1]byte
-		if _, err := io.ReadFull(c.conn, b[:]); err != nil {
-			t.Fatalf("read SSLRequest answer: %v", err)
-		}
-		if b[0] != 'N' {
-			t.Fatalf("SSLRequest answer: got %q, want 'N'", b[0])
+		if got := c.requestAnswers(t, sslRequestCode); got != "N" {
+			t.Fatalf("SSLRequest answer: got %q, want %q", got, "N")
 		}
 		// The answer was exactly one byte: a plain startup on the same connection works.
 		c.login(t, pgcluster.RoleSuperuser)
@@ -66,13 +60,7 @@ func TestSSLRequestWithoutTLSIsAnsweredN(t *testing.T) {
 	})
 
 	t.Run("pgx sslmode=require", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, r.url(pgcluster.RoleSuperuser, "sslmode=require"))
-		if err == nil {
-			conn.Close(ctx)
-			t.Fatalf("connect with sslmode=require: got no error, want a refusal of TLS")
-		}
+		err := connectErr(t, r.url(pgcluster.RoleSuperuser, "sslmode=require"), "connect with sslmode=require", "a refusal of TLS")
 		if !strings.Contains(err.Error(), "refused TLS") {
 			t.Fatalf("connect with sslmode=require: got %v, want an error saying TLS was refused", err)
 		}
@@ -86,13 +74,8 @@ func TestSSLRequestWithTLS(t *testing.T) {
 
 	t.Run("raw SSLRequest", func(t *testing.T) {
 		c := dialRaw(t, r.Addr().String())
-		c.write(t, requestPacket(sslRequestCode))
-		var b [1]byte
-		if _, err := io.ReadFull(c.conn, b[:]); err != nil {
-			t.Fatalf("read SSLRequest answer: %v", err)
-		}
-		if b[0] != 'S' {
-			t.Fatalf("SSLRequest answer: got %q, want 'S'", b[0])
+		if got := c.requestAnswers(t, sslRequestCode); got != "S" {
+			t.Fatalf("SSLRequest answer: got %q, want %q", got, "S")
 		}
 	})
 
@@ -127,14 +110,8 @@ func TestSSLRequestWithTLS(t *testing.T) {
 	t.Run("GSSENCRequest then SSLRequest", func(t *testing.T) {
 		// libpq's order when gssencmode=prefer and sslmode=prefer.
 		c := dialRaw(t, r.Addr().String())
-		c.write(t, requestPacket(gssEncRequestCode))
-		c.write(t, requestPacket(sslRequestCode))
-		var b [2]byte
-		if _, err := io.ReadFull(c.conn, b[:]); err != nil {
-			t.Fatalf("read answers: %v", err)
-		}
-		if string(b[:]) != "NS" {
-			t.Fatalf("answers to GSSENCRequest and SSLRequest: got %q, want %q", b[:], "NS")
+		if got := c.requestAnswers(t, gssEncRequestCode, sslRequestCode); got != "NS" {
+			t.Fatalf("answers to GSSENCRequest and SSLRequest: got %q, want %q", got, "NS")
 		}
 		pool := x509.NewCertPool()
 		pool.AddCert(cert.Leaf)
@@ -151,13 +128,8 @@ func TestSSLRequestWithTLS(t *testing.T) {
 func TestGSSENCRequestIsAnsweredN(t *testing.T) {
 	r := primaryRelay(t)
 	c := dialRaw(t, r.Addr().String())
-	c.write(t, requestPacket(gssEncRequestCode))
-	var b [1]byte
-	if _, err := io.ReadFull(c.conn, b[:]); err != nil {
-		t.Fatalf("read GSSENCRequest answer: %v", err)
-	}
-	if b[0] != 'N' {
-		t.Fatalf("GSSENCRequest answer: got %q, want 'N'", b[0])
+	if got := c.requestAnswers(t, gssEncRequestCode); got != "N" {
+		t.Fatalf("GSSENCRequest answer: got %q, want %q", got, "N")
 	}
 	c.login(t, pgcluster.RoleSuperuser)
 	if got := c.query(t, "select current_user"); got != pgcluster.RoleSuperuser.Name {
@@ -208,13 +180,8 @@ func TestProtocolVersionNegotiationPassesThrough(t *testing.T) {
 
 	t.Run("pgx min_protocol_version=3.2", func(t *testing.T) {
 		// PostgreSQL 15 offers only 3.0, and the relay must say so rather than pretend.
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, r.url(pgcluster.RoleSuperuser, "sslmode=disable", "min_protocol_version=3.2"))
-		if err == nil {
-			conn.Close(ctx)
-			t.Fatalf("connect with min_protocol_version=3.2: got no error, want a protocol version error")
-		}
+		err := connectErr(t, r.url(pgcluster.RoleSuperuser, "sslmode=disable", "min_protocol_version=3.2"),
+			"connect with min_protocol_version=3.2", "a protocol version error")
 		if !strings.Contains(err.Error(), "protocol version too low") {
 			t.Fatalf("connect with min_protocol_version=3.2: got %v, want an error about the protocol version", err)
 		}
@@ -360,6 +327,21 @@ func (c *rawClient) query(tb testing.TB, sql string) string {
 	return ""
 }
 
+// requestAnswers sends an SSLRequest or GSSENCRequest for each code, one write each, and
+// returns the single-byte answers ('S' or 'N') read back.
+func (c *rawClient) requestAnswers(tb testing.TB, codes ...uint32) string {
+	tb.Helper()
+	for _, code := range codes {
+		c.write(tb, requestPacket(code))
+	}
+	b := make([]byte, len(codes))
+	c.conn.SetReadDeadline(time.Now().Add(rawTimeout))
+	if n, err := io.ReadFull(c.conn, b); err != nil {
+		tb.Fatalf("read the answers to %d requests: %v (after %q)", len(codes), err, b[:n])
+	}
+	return string(b)
+}
+
 // readAll reads until the peer closes the connection and returns what it sent.
 func (c *rawClient) readAll(tb testing.TB) []byte {
 	tb.Helper()
@@ -455,32 +437,6 @@ func selfSignedCert(tb testing.TB) (tls.Certificate, string) {
 		tb.Fatalf("write certificate: %v", err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, file
-}
-
-// startRelayWithLog is startRelay with the caller's logger, for tests that read the logs.
-func startRelayWithLog(tb testing.TB, upstream string, cfg wire.Config, log *zap.Logger) *relay {
-	tb.Helper()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.Upstream = upstream
-	rec := &recorder{}
-	srv, err := wire.NewServer(cfg, rec, log)
-	if err != nil {
-		tb.Fatalf("NewServer: %v", err)
-	}
-	if err := srv.Listen(); err != nil {
-		tb.Fatalf("Listen: %v", err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve() }()
-	tb.Cleanup(func() {
-		if err := srv.Close(); err != nil {
-			tb.Errorf("Close: %v", err)
-		}
-		if err := <-served; err != nil {
-			tb.Errorf("Serve: %v", err)
-		}
-	})
-	return &relay{Server: srv, events: rec}
 }
 
 // primaryAdmin is a direct superuser connection to the primary, bypassing any relay.

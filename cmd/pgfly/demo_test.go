@@ -95,11 +95,10 @@ func processesUsing(s string) []string {
 }
 
 func TestDemoStopsOnSignal(t *testing.T) {
-	bin := buildBinary(t, ".", "pgfly")
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(map[syscall.Signal]string{syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT"}[sig], func(t *testing.T) {
 			addr := freeAddr(t)
-			p := startProc(t, nil, bin, "demo", "--listen", addr)
+			p := startProc(t, nil, pgflyBin, "demo", "--listen", addr)
 			p.waitFor(t, 2*time.Minute, "the demo's edge to answer", func() bool { return answers("http://" + addr + "/") })
 			if got := send(t, "GET", "http://"+addr+"/", "", nil); got.status != 200 || !strings.Contains(got.body, "Guestbook") {
 				t.Fatalf("GET / on the edge: got %d %q, want the guestbook page", got.status, got.body)
@@ -132,7 +131,6 @@ func TestDemoStopsOnSignal(t *testing.T) {
 }
 
 func TestDemoFailsClearly(t *testing.T) {
-	bin := buildBinary(t, ".", "pgfly")
 	tests := []struct {
 		name   string
 		env    []string
@@ -146,7 +144,7 @@ func TestDemoFailsClearly(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := startProc(t, tt.env, bin, "demo", "--listen", tt.listen(t))
+			p := startProc(t, tt.env, pgflyBin, "demo", "--listen", tt.listen(t))
 			if code := p.wait(t, time.Minute); code == 0 {
 				t.Errorf("exit status: got 0, want non-zero")
 			}

@@ -3,201 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// The tests of edge, demo and run run the pgfly binary as an operator would, and call run
-// in-process where no process boundary matters (configuration errors). The helpers they
-// share are here.
-
-// buildBinary builds the main package pkg of this module into the test's temporary
-// directory and returns the binary's path.
-func buildBinary(tb testing.TB, pkg, name string) string {
-	tb.Helper()
-	out := filepath.Join(tb.TempDir(), name)
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("go build %s: %v\n%s", pkg, err, b)
-	}
-	return out
-}
-
-// syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// proc is a running binary with its output captured.
-type proc struct {
-	cmd            *exec.Cmd
-	stdout, stderr syncBuffer
-	done           chan struct{}
-	err            error // from Wait, once done is closed
-}
-
-// startProc runs bin with args and the test's environment, minus anything pgfly reads, plus
-// env. Cleanup stops it if it still runs (SIGTERM, then SIGKILL) and logs its output when
-// the test failed.
-func startProc(tb testing.TB, env []string, bin string, args ...string) *proc {
-	tb.Helper()
-	p := &proc{cmd: exec.Command(bin, args...), done: make(chan struct{})}
-	p.cmd.Env = append(pgflyFreeEnv(), env...)
-	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
-	if err := p.cmd.Start(); err != nil {
-		tb.Fatalf("start %s: %v", bin, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	tb.Cleanup(func() {
-		if !p.exited() {
-			p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(30 * time.Second):
-				p.cmd.Process.Kill()
-				<-p.done
-			}
-		}
-		if tb.Failed() {
-			tb.Logf("%s %s\nstdout:\n%s\nstderr:\n%s", filepath.Base(bin), strings.Join(args, " "), p.stdout.String(), p.stderr.String())
-		}
-	})
-	return p
-}
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *proc) signal(tb testing.TB, sig os.Signal) {
-	tb.Helper()
-	if err := p.cmd.Process.Signal(sig); err != nil {
-		tb.Fatalf("signal %v: %v", sig, err)
-	}
-}
-
-// wait waits up to timeout for the process to exit and returns its exit status.
-func (p *proc) wait(tb testing.TB, timeout time.Duration) int {
-	tb.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		tb.Fatalf("still running %v later, want it to have exited", timeout)
-	}
-	var ee *exec.ExitError
-	switch {
-	case p.err == nil:
-		return 0
-	case errors.As(p.err, &ee):
-		return ee.ExitCode()
-	}
-	tb.Fatalf("wait: %v", p.err)
-	return -1
-}
-
-// waitFor polls cond until it holds, up to timeout; it fails early if the process exits.
-func (p *proc) waitFor(tb testing.TB, timeout time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if p.exited() {
-			tb.Fatalf("exited (%v) before %s", p.err, what)
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// logLine returns the first JSON log line on stderr whose msg is msg, or nil.
-func (p *proc) logLine(msg string) map[string]any {
-	for line := range strings.SplitSeq(p.stderr.String(), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == msg {
-			return m
-		}
-	}
-	return nil
-}
-
-// waitLog waits for a JSON log line with msg and returns its fields.
-func (p *proc) waitLog(tb testing.TB, timeout time.Duration, msg string) map[string]any {
-	tb.Helper()
-	p.waitFor(tb, timeout, fmt.Sprintf("the log line %q", msg), func() bool { return p.logLine(msg) != nil })
-	return p.logLine(msg)
-}
-
-// pgflyFreeEnv is the test's environment without anything pgfly reads.
-func pgflyFreeEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		switch {
-		case strings.HasPrefix(name, "PGFLY_"), strings.HasPrefix(name, "FLY_"),
-			name == "PRIMARY_REGION", name == "DATABASE_URL", name == "PORT":
-			continue
-		}
-		env = append(env, kv)
-	}
-	return env
-}
-
-// freeAddr is a loopback address whose port was free a moment ago.
-func freeAddr(tb testing.TB) string {
-	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatalf("find a free port: %v", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// holdAddr listens on a loopback port for the rest of the test.
-func holdAddr(tb testing.TB) string {
-	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatalf("listen: %v", err)
-	}
-	tb.Cleanup(func() { ln.Close() })
-	return ln.Addr().String()
-}
+// The HTTP helpers the edge, demo and run tests share are here, with assertFree; the
+// process and address helpers are in main_test.go.
 
 // assertFree fails unless addr can be listened on again.
 func assertFree(tb testing.TB, addr string) {
@@ -254,7 +72,6 @@ func answers(u string) bool {
 }
 
 func TestEdgeCommand(t *testing.T) {
-	bin := buildBinary(t, ".", "pgfly")
 	// fra asks for every POST to be replayed in iad; iad tells what it was sent.
 	fra := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost {
@@ -297,7 +114,7 @@ func TestEdgeCommand(t *testing.T) {
 			if tt.env != nil {
 				env = tt.env(addr)
 			}
-			p := startProc(t, env, bin, tt.args(addr)...)
+			p := startProc(t, env, pgflyBin, tt.args(addr)...)
 			base := "http://" + addr
 			p.waitFor(t, 10*time.Second, "the edge to answer", func() bool { return answers(base + "/") })
 

@@ -148,7 +148,6 @@ func TestRunRejects(t *testing.T) {
 
 // TestRunChild runs pgfly run with small shell scripts as the app.
 func TestRunChild(t *testing.T) {
-	bin := buildBinary(t, ".", "pgfly")
 	// A closed loopback port: pgfly never needs its upstream here.
 	db := freeAddr(t)
 	noShim := []string{"--http-listen=", "--admin-listen="}
@@ -158,7 +157,7 @@ func TestRunChild(t *testing.T) {
 		env := []string{"FLY_REGION=fra", "PRIMARY_REGION=iad",
 			"DATABASE_URL=postgres://app:s%40cret@" + db + "/app?sslmode=require&application_name=web"}
 		args := append([]string{"run", "--listen=" + listen, "--app=http://127.0.0.1:4321"}, noShim...)
-		p := startProc(t, env, bin, append(args, "--", "sh", "-c", `printf 'DATABASE_URL=%s\nPORT=%s\n' "$DATABASE_URL" "$PORT"; exit 7`)...)
+		p := startProc(t, env, pgflyBin, append(args, "--", "sh", "-c", `printf 'DATABASE_URL=%s\nPORT=%s\n' "$DATABASE_URL" "$PORT"; exit 7`)...)
 		if code := p.wait(t, 30*time.Second); code != 7 {
 			t.Errorf("exit status: got %d, want the app's 7", code)
 		}
@@ -189,7 +188,7 @@ func TestRunChild(t *testing.T) {
 		t.Run(tt.name+": pgfly exits with its status", func(t *testing.T) {
 			env := []string{"DATABASE_URL=postgres://app@" + db + "/app"}
 			args := append([]string{"run", "--listen=127.0.0.1:0"}, noShim...)
-			p := startProc(t, env, bin, append(args, "--", "sh", "-c", tt.script)...)
+			p := startProc(t, env, pgflyBin, append(args, "--", "sh", "-c", tt.script)...)
 			if code := p.wait(t, 30*time.Second); code != tt.want {
 				t.Errorf("exit status: got %d, want %d", code, tt.want)
 			}
@@ -209,7 +208,7 @@ func TestRunChild(t *testing.T) {
 			env := []string{"DATABASE_URL=postgres://app@" + db + "/app"}
 			args := append([]string{"run", "--listen=127.0.0.1:0"}, noShim...)
 			script := `trap 'echo got ` + tt.trap + `; exit ` + strconv.Itoa(tt.want) + `' ` + tt.trap + `; echo ready; while :; do sleep 0.05; done`
-			p := startProc(t, env, bin, append(args, "--", "sh", "-c", script)...)
+			p := startProc(t, env, pgflyBin, append(args, "--", "sh", "-c", script)...)
 			p.waitFor(t, 30*time.Second, "the app to be ready", func() bool { return strings.Contains(p.stdout.String(), "ready") })
 			p.signal(t, tt.sig)
 			if code := p.wait(t, 30*time.Second); code != tt.want {
@@ -223,7 +222,7 @@ func TestRunChild(t *testing.T) {
 
 	t.Run("an app that never listens is stopped", func(t *testing.T) {
 		env := []string{"DATABASE_URL=postgres://app@" + db + "/app"}
-		p := startProc(t, env, bin, "run", "--listen=127.0.0.1:0", "--http-listen=127.0.0.1:0", "--admin-listen=",
+		p := startProc(t, env, pgflyBin, "run", "--listen=127.0.0.1:0", "--http-listen=127.0.0.1:0", "--admin-listen=",
 			"--primary-region=iad", "--app=http://"+freeAddr(t), "--app-start-timeout=300ms", "--", "sleep", "30")
 		if code := p.wait(t, 30*time.Second); code != 1 {
 			t.Errorf("exit status: got %d, want 1", code)
@@ -236,7 +235,7 @@ func TestRunChild(t *testing.T) {
 	t.Run("an app that cannot start", func(t *testing.T) {
 		env := []string{"DATABASE_URL=postgres://app@" + db + "/app"}
 		args := append([]string{"run", "--listen=127.0.0.1:0"}, noShim...)
-		p := startProc(t, env, bin, append(args, "--", "/nonexistent/app")...)
+		p := startProc(t, env, pgflyBin, append(args, "--", "/nonexistent/app")...)
 		if code := p.wait(t, 30*time.Second); code != 1 {
 			t.Errorf("exit status: got %d, want 1", code)
 		}
@@ -248,7 +247,6 @@ func TestRunChild(t *testing.T) {
 
 // TestRunSampleApp runs the sample app under pgfly run against a real primary and replica.
 func TestRunSampleApp(t *testing.T) {
-	bin := buildBinary(t, ".", "pgfly")
 	app := buildBinary(t, "../../internal/sampleapp/cmd/sampleapp", "sampleapp")
 	cluster := pgtest.Start(t, pgcluster.Options{})
 	su := pgcluster.RoleSuperuser.Name
@@ -293,7 +291,7 @@ func TestRunSampleApp(t *testing.T) {
 			env := []string{"DATABASE_URL=" + primaryURL, "FLY_REGION=" + tt.region, "PRIMARY_REGION=iad"}
 			args := append([]string{"run", "--listen=" + relay, "--http-listen=" + shim, "--admin-listen=" + admin,
 				"--app=http://" + appAddr}, tt.extra...)
-			p := startProc(t, env, bin, append(args, "--", app)...)
+			p := startProc(t, env, pgflyBin, append(args, "--", app)...)
 			p.waitLog(t, 30*time.Second, "app is listening")
 
 			got := send(t, http.MethodGet, "http://"+shim+"/items", "", nil)

@@ -1,19 +1,14 @@
-package main_test
+package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,54 +22,6 @@ import (
 
 // These tests run the pgfly binary as a subprocess, as an operator would, against a real
 // primary and replica.
-
-var (
-	// pgflyBin is the binary under test, built once by TestMain.
-	pgflyBin string
-
-	clusterOnce sync.Once
-	cluster     *pgcluster.Cluster
-	clusterErr  error
-)
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "pgfly-serve-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "create a directory for the binary:", err)
-		os.Exit(1)
-	}
-	pgflyBin = filepath.Join(dir, "pgfly")
-	build := exec.Command("go", "build", "-o", pgflyBin, ".")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "go build pgfly:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	if cluster != nil {
-		if err := cluster.Close(); err != nil {
-			fmt.Fprintln(os.Stderr, "closing the test cluster:", err)
-		}
-	}
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// testCluster is a real primary and replica shared by the tests that need one, started by
-// the first of them; TestMain closes it.
-func testCluster(tb testing.TB) *pgcluster.Cluster {
-	tb.Helper()
-	clusterOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		cluster, clusterErr = pgcluster.Start(ctx, pgcluster.Options{})
-	})
-	if clusterErr != nil {
-		tb.Fatalf("start PostgreSQL primary and replica: %v", clusterErr)
-	}
-	return cluster
-}
 
 // unreachableUpstream is a well-formed upstream URL for runs that must fail before they
 // connect anywhere.
@@ -124,7 +71,7 @@ func TestServeRejectsBadConfiguration(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			cmd := exec.CommandContext(ctx, pgflyBin, args...)
-			cmd.Env = append(cleanEnv(), tt.env...)
+			cmd.Env = append(pgflyFreeEnv(), tt.env...)
 			var stderr bytes.Buffer
 			cmd.Stderr = &stderr
 			err := cmd.Run()
@@ -150,12 +97,12 @@ func TestServeRejectsBadConfiguration(t *testing.T) {
 func TestServeReadsEnvironment(t *testing.T) {
 	c := testCluster(t)
 	listen := freeAddr(t)
-	p := startPgfly(t, []string{
+	p := startProc(t, []string{
 		"PGFLY_LISTEN=" + listen,
 		"PGFLY_UPSTREAM=" + c.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database),
 		"PGFLY_HTTP_LISTEN=",
 		"PGFLY_ADMIN_LISTEN=",
-	}, "serve")
+	}, pgflyBin, "serve")
 	p.waitListening(t, listen)
 
 	conn := connect(t, clientURL(listen, pgcluster.RoleTrust))
@@ -184,7 +131,7 @@ func TestServeLogs(t *testing.T) {
 
 	// pgfly's own credentials (for its monitoring queries) must not be logged either.
 	listen := freeAddr(t)
-	p := startPgfly(t, nil, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=", "--log-level=debug",
+	p := startProc(t, nil, pgflyBin, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=", "--log-level=debug",
 		"--upstream="+c.Replica.URL(pgcluster.RoleMD5.Name, pgcluster.RoleMD5.Password, pgcluster.Database))
 	p.waitListening(t, listen)
 
@@ -204,7 +151,7 @@ func TestServeLogs(t *testing.T) {
 	if err := conn.Close(boundedCtx(t)); err != nil {
 		t.Fatalf("close: %v", err)
 	}
-	p.waitLine(t, 10*time.Second, "session closed", func(l logLine) bool { return l.Msg == "session closed" })
+	p.waitLine(t, 10*time.Second, "session closed", func(l logEntry) bool { return l.Msg == "session closed" })
 	p.signal(t, syscall.SIGTERM)
 	if code := p.wait(t, 10*time.Second); code != 0 {
 		t.Errorf("exit status after SIGTERM: got %d, want 0", code)
@@ -228,7 +175,7 @@ func TestServeLogs(t *testing.T) {
 	if len(opened) != 1 || len(closed) != 1 {
 		t.Fatalf("got %d \"session opened\" and %d \"session closed\" lines, want 1 and 1", len(opened), len(closed))
 	}
-	for _, l := range []logLine{opened[0], closed[0]} {
+	for _, l := range []logEntry{opened[0], closed[0]} {
 		for field, want := range map[string]any{
 			"client":   client,
 			"user":     pgcluster.RoleSCRAM.Name,
@@ -261,15 +208,15 @@ func TestServeLogs(t *testing.T) {
 func TestServeShutdown(t *testing.T) {
 	c := testCluster(t)
 	upstream := c.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database)
-	start := func(t *testing.T, timeout string) (*pgflyProc, string) {
+	start := func(t *testing.T, timeout string) (*proc, string) {
 		t.Helper()
 		listen := freeAddr(t)
-		p := startPgfly(t, nil, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=",
+		p := startProc(t, nil, pgflyBin, "serve", "--listen="+listen, "--http-listen=", "--admin-listen=",
 			"--upstream="+upstream, "--shutdown-timeout="+timeout)
 		p.waitListening(t, listen)
 		return p, listen
 	}
-	shuttingDown := func(l logLine) bool { return strings.HasPrefix(l.Msg, "shutting down") }
+	shuttingDown := func(l logEntry) bool { return strings.HasPrefix(l.Msg, "shutting down") }
 
 	t.Run("open session finishes, then pgfly exits", func(t *testing.T) {
 		// The timeout is long, so that an exit within the bounded wait below is the session's
@@ -346,182 +293,6 @@ func TestServeShutdown(t *testing.T) {
 			})
 		}
 	})
-}
-
-// pgflyProc is a running pgfly subprocess whose stderr is collected line by line.
-type pgflyProc struct {
-	cmd  *exec.Cmd
-	done chan struct{} // closed when the process has exited
-	err  error         // cmd.Wait's result, set before done is closed
-
-	mu  sync.Mutex
-	out []logLine
-}
-
-// logLine is one line of pgfly's stderr, decoded if it is JSON.
-type logLine struct {
-	raw    string
-	err    error // not a JSON object
-	Level  string
-	Msg    string
-	fields map[string]any
-}
-
-// startPgfly runs the binary with args and the extra environment; Cleanup kills it if it
-// is still running and logs its stderr when the test failed.
-func startPgfly(tb testing.TB, env []string, args ...string) *pgflyProc {
-	tb.Helper()
-	p := &pgflyProc{cmd: exec.Command(pgflyBin, args...), done: make(chan struct{})}
-	p.cmd.Env = append(cleanEnv(), env...)
-	stderr, err := p.cmd.StderrPipe()
-	if err != nil {
-		tb.Fatalf("stderr pipe: %v", err)
-	}
-	if err := p.cmd.Start(); err != nil {
-		tb.Fatalf("start pgfly: %v", err)
-	}
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			p.mu.Lock()
-			p.out = append(p.out, parseLine(sc.Text()))
-			p.mu.Unlock()
-		}
-		p.err = p.cmd.Wait() // after stderr is read to its end, as Wait requires
-		close(p.done)
-	}()
-	tb.Cleanup(func() {
-		if !p.exited() {
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if tb.Failed() {
-			for _, l := range p.lines() {
-				tb.Logf("pgfly: %s", l.raw)
-			}
-		}
-	})
-	return p
-}
-
-func parseLine(s string) logLine {
-	l := logLine{raw: s}
-	if l.err = json.Unmarshal([]byte(s), &l.fields); l.err != nil {
-		return l
-	}
-	l.Level, _ = l.fields["level"].(string)
-	l.Msg, _ = l.fields["msg"].(string)
-	if l.Level == "" || l.Msg == "" || l.fields["time"] == nil {
-		l.err = errors.New("no level, msg or time")
-	}
-	return l
-}
-
-func (p *pgflyProc) lines() []logLine {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return append([]logLine(nil), p.out...)
-}
-
-func (p *pgflyProc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *pgflyProc) signal(tb testing.TB, sig os.Signal) {
-	tb.Helper()
-	if err := p.cmd.Process.Signal(sig); err != nil {
-		tb.Fatalf("signal %v: %v", sig, err)
-	}
-}
-
-// wait waits up to timeout for the process to exit and returns its exit status.
-func (p *pgflyProc) wait(tb testing.TB, timeout time.Duration) int {
-	tb.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		tb.Fatalf("pgfly still running %v later, want it to have exited", timeout)
-	}
-	var ee *exec.ExitError
-	switch {
-	case p.err == nil:
-		return 0
-	case errors.As(p.err, &ee):
-		return ee.ExitCode()
-	default:
-		tb.Fatalf("wait for pgfly: %v", p.err)
-		return -1
-	}
-}
-
-// waitLine polls the log until a line matches, up to timeout.
-func (p *pgflyProc) waitLine(tb testing.TB, timeout time.Duration, what string, match func(logLine) bool) logLine {
-	tb.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		for _, l := range p.lines() {
-			if l.err == nil && match(l) {
-				return l
-			}
-		}
-		if p.exited() {
-			tb.Fatalf("pgfly exited (%v) before logging %s", p.err, what)
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for pgfly to log %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// waitListening waits for the relay's "listening" line for addr.
-func (p *pgflyProc) waitListening(tb testing.TB, addr string) {
-	tb.Helper()
-	p.waitLine(tb, 10*time.Second, "listening on "+addr, func(l logLine) bool {
-		return l.Msg == "listening" && l.fields["addr"] == addr
-	})
-}
-
-func filterLines(lines []logLine, msg string) []logLine {
-	var out []logLine
-	for _, l := range lines {
-		if l.err == nil && l.Msg == msg {
-			out = append(out, l)
-		}
-	}
-	return out
-}
-
-// cleanEnv is the test's environment without anything pgfly would read.
-func cleanEnv() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		name, _, _ := strings.Cut(kv, "=")
-		switch {
-		case strings.HasPrefix(name, "PGFLY_"), strings.HasPrefix(name, "FLY_"), name == "PRIMARY_REGION":
-			continue
-		}
-		env = append(env, kv)
-	}
-	return env
-}
-
-// freeAddr is a loopback address with a port that was free a moment ago.
-func freeAddr(tb testing.TB) string {
-	tb.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatalf("find a free port: %v", err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 func clientURL(addr string, role pgcluster.Role) string {

@@ -52,6 +52,9 @@ type Options struct {
 	TLS bool
 	// Logf, when set, receives one line per start-up step.
 	Logf func(format string, args ...any)
+	// MaxConnections, when positive, replaces the max_connections of 300 on
+	// both servers (the benchmarks hold thousands of sessions open).
+	MaxConnections int
 }
 
 // Cluster is a running primary and its streaming replica. Its methods are not
@@ -141,7 +144,7 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		"--no-sync", "-E", "UTF8", "--locale=C", "--no-instructions"); err != nil {
 		return err
 	}
-	if err := c.configurePrimary(tlsFiles); err != nil {
+	if err := c.configurePrimary(tlsFiles, opts.MaxConnections); err != nil {
 		return err
 	}
 	if err := c.Primary.startFresh(ctx); err != nil {
@@ -186,8 +189,11 @@ func (c *Cluster) newServer(name, token string) *Server {
 // configurePrimary writes postgresql.conf additions, pg_hba.conf and the TLS
 // key pair into the freshly initialised primary. pg_basebackup copies all of
 // it to the replica.
-func (c *Cluster) configurePrimary(tf *tlsFiles) error {
+func (c *Cluster) configurePrimary(tf *tlsFiles, maxConnections int) error {
 	conf := commonConf
+	if maxConnections > 0 { // a later setting wins
+		conf += "max_connections = " + strconv.Itoa(maxConnections) + "\n"
+	}
 	if tf != nil {
 		conf += "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
 		if err := c.r.writeFile(filepath.Join(c.Primary.DataDir, "server.crt"), tf.certPEM, 0o600); err != nil {

@@ -7,7 +7,10 @@
 // database refuses a write it answers 500 "db error: ...", and making that
 // request succeed is pgfly's job. The one piece of plumbing it has is
 // standard tracing propagation: a W3C traceparent request header is appended
-// to every SQL statement as a sqlcommenter comment.
+// to every SQL statement as a sqlcommenter comment. For the demo, the guestbook
+// page (page.go) also shows what the app can see of replays and replication
+// (the fly-replay-src header, pgfly's bookmark cookie, its database's role and
+// replay position) without acting on any of it.
 //
 // Importing the package registers the pgx database/sql driver as "pgx".
 package sampleapp
@@ -18,7 +21,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"html/template"
 	"io"
 	"mime"
 	"net/http"
@@ -91,18 +93,23 @@ type Echo struct {
 
 // app holds the handlers' dependencies.
 type app struct {
-	db     *sql.DB
-	region string
-	log    *zap.Logger
+	db      *sql.DB
+	primary *sql.DB // DB-level routing for /work, set only by WithPrimary; see work.go
+	region  string
+	log     *zap.Logger
 }
 
 // New returns the app's handler. region is written into every row the app
-// inserts and into the X-App-Region header of every response.
-func New(db *sql.DB, region string, log *zap.Logger) http.Handler {
+// inserts and into the X-App-Region header of every response. Options are
+// for the benchmarks (see WithPrimary).
+func New(db *sql.DB, region string, log *zap.Logger, opts ...Option) http.Handler {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	a := &app{db: db, region: region, log: log.Named("sampleapp")}
+	for _, o := range opts {
+		o(a)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", a.page)
 	mux.HandleFunc("GET /healthz", a.healthz)
@@ -111,6 +118,8 @@ func New(db *sql.DB, region string, log *zap.Logger) http.Handler {
 	mux.HandleFunc("POST /items", a.create)
 	mux.HandleFunc("GET /touch", a.touch)
 	mux.HandleFunc("POST /tx", a.tx)
+	mux.HandleFunc("GET /work", a.workRead)
+	mux.HandleFunc("POST /work", a.workWrite)
 	mux.HandleFunc("POST /upload", a.upload)
 	mux.HandleFunc("GET /stream", a.stream)
 	mux.HandleFunc("GET /ws", a.ws)
@@ -233,7 +242,8 @@ func (a *app) get(w http.ResponseWriter, r *http.Request) {
 }
 
 // create serves POST /items with a form field or a JSON body {"name": ...}.
-// A browser's form post is redirected to the guestbook page; other clients
+// A browser's form post is redirected to the guestbook page, with a flash
+// cookie that lets the page say where the entry was written; other clients
 // get the item.
 func (a *app) create(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxForm)
@@ -261,6 +271,7 @@ func (a *app) create(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if prefersHTML(r.Header.Get("Accept")) {
+		setFlash(w, r, it)
 		http.Redirect(w, r, "/", http.StatusSeeOther)
 		return
 	}
@@ -466,39 +477,4 @@ func (a *app) echo(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, Echo{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Host: r.Host,
 		Headers: headers, Body: string(body)})
-}
-
-// pageTemplate is the guestbook page.
-var pageTemplate = template.Must(template.New("page").Parse(`<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><title>pgfly guestbook</title></head>
-<body>
-<h1>Guestbook</h1>
-<p>Served by region <strong id="region">{{.Region}}</strong>.</p>
-<form method="post" action="/items">
-<input name="name" placeholder="Your name" required>
-<button type="submit">Sign</button>
-</form>
-<ul id="items">
-{{- range .Items}}
-<li>{{.Name}} <small>(#{{.ID}}, written in {{.Region}})</small></li>
-{{- end}}
-</ul>
-</body>
-</html>
-`))
-
-func (a *app) page(w http.ResponseWriter, r *http.Request) {
-	items, err := a.items(r.Context())
-	if err != nil {
-		a.dbError(w, r, err)
-		return
-	}
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	if err := pageTemplate.Execute(w, struct {
-		Region string
-		Items  []Item
-	}{a.region, items}); err != nil {
-		a.log.Warn("render page", zap.Error(err))
-	}
 }
