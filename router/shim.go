@@ -654,6 +654,7 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 			zap.Duration("replay_duration", time.Since(start)), zap.Duration("duration", time.Since(req.start)))
 		s.observe(Decision{Outcome: "replayed", Reason: ReasonReadOnly, Match: match})
 		resp.StatusCode, resp.Status = primary.StatusCode, primary.Status
+		removeHopByHop(primary.Header) // ReverseProxy filtered the app's headers, not these
 		resp.Header, resp.Trailer = primary.Header, primary.Trailer
 		resp.Body, resp.ContentLength = primary.Body, primary.ContentLength
 		resp.TransferEncoding = primary.TransferEncoding
@@ -765,3 +766,21 @@ var copyBufferPool = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
 
 func (copyBuffers) Get() []byte  { return copyBufferPool.Get().([]byte) }
 func (copyBuffers) Put(b []byte) { copyBufferPool.Put(b) }
+
+// hopByHop are the headers of one connection (RFC 9110, section 7.6.1), never forwarded.
+var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+
+// removeHopByHop deletes the hop-by-hop headers, and those Connection names, from h.
+func removeHopByHop(h http.Header) {
+	for _, v := range h.Values("Connection") {
+		for name := range strings.SplitSeq(v, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopByHop {
+		h.Del(name)
+	}
+}

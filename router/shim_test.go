@@ -1346,3 +1346,27 @@ func TestLifecycle(t *testing.T) {
 		}
 	})
 }
+
+// TestProxyModeDropsThePrimarysHopByHopHeaders: headers of the primary's connection to the
+// shim are not the client's.
+func TestProxyModeDropsThePrimarysHopByHopHeaders(t *testing.T) {
+	primary := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "X-Hop")
+		w.Header().Set("X-Hop", "hop")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("X-End", "end")
+		w.WriteHeader(http.StatusCreated)
+	}))
+	t.Cleanup(primary.Close)
+	u, _ := url.Parse(primary.URL)
+	h := start(t, proxyConfig(u), writer)
+	got := h.send(t, http.MethodPost, "/items", strings.NewReader("name=a"), nil)
+	if got.status != http.StatusCreated || got.header.Get("X-End") != "end" {
+		t.Fatalf("got %d with X-End %q, want the primary's 201 and its end-to-end header", got.status, got.header.Get("X-End"))
+	}
+	for _, name := range []string{"X-Hop", "Keep-Alive"} {
+		if v := got.header.Get(name); v != "" {
+			t.Errorf("got %s: %q, want the hop-by-hop header dropped", name, v)
+		}
+	}
+}

@@ -6,11 +6,13 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"runtime"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -233,4 +235,65 @@ func unterminatedStartup(n int) []byte {
 		}
 	}
 	return append(b, rest...)
+}
+
+func TestUpstreamThatHangsUpOnSSLRequest(t *testing.T) {
+	// A fake: no real server can be made to close the connection on an SSLRequest.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for range 4 { // bounded: the test connects once; the rest is slack
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			var req [8]byte
+			c.Read(req[:])
+			c.Close()
+		}
+	}()
+	r := startRelay(t, "postgres://"+ln.Addr().String()+"/?sslmode=require", wire.Config{})
+
+	err = connectErr(t, r.url(pgcluster.RoleSuperuser), "connect through a relay whose upstream hangs up on SSLRequest", "08006")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		t.Fatalf("connect: got %v, want a server error", err)
+	}
+	if !strings.Contains(pe.Message, "ssl request") || strings.Contains(pe.Message, "does not support TLS") {
+		t.Fatalf("message: got %q, want the failed ssl request, not a refusal of TLS", pe.Message)
+	}
+}
+
+func TestShutdownDoesNotWaitForAClientInStartup(t *testing.T) {
+	r := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{StartupTimeout: time.Minute})
+	c, err := net.Dial("tcp", r.Addr().String())
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	// An answered SSLRequest shows the relay is in this client's startup; then it goes silent.
+	if _, err := c.Write(requestPacket(sslRequestCode)); err != nil {
+		t.Fatalf("write SSLRequest: %v", err)
+	}
+	var answer [1]byte
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, answer[:]); err != nil || answer[0] != 'N' {
+		t.Fatalf("SSLRequest answer: got %q, %v, want N", answer[:], err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- r.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown: got %v, want %v", err, context.DeadlineExceeded)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Shutdown still waiting for a silent client in its startup after 20s (StartupTimeout is a minute)")
+	}
 }

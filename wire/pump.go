@@ -195,6 +195,9 @@ func (p *pump) write(b []byte) error {
 	}
 	n, err := p.dst.Write(b)
 	p.count(int64(n))
+	if err != nil && n > 0 && n < len(b) {
+		p.midMessage = true // the peer may hold part of a message: nothing may follow it
+	}
 	return err
 }
 

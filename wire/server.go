@@ -61,6 +61,7 @@ type Server struct {
 	wg     sync.WaitGroup // one per live session and per cancel forward
 
 	mu       sync.Mutex
+	starting map[net.Conn]struct{} // accepted connections not yet relaying
 	sessions map[*session]struct{}
 	keys     map[string]*session // cancel key (pid and secret) to its live session
 	closing  bool
@@ -99,6 +100,7 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		upstream: up,
 		obs:      obs,
 		log:      log,
+		starting: make(map[net.Conn]struct{}),
 		sessions: make(map[*session]struct{}),
 		keys:     make(map[string]*session),
 		closed:   make(chan struct{}),
@@ -161,7 +163,16 @@ func (s *Server) Serve() error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		backoff = 0
+		// Under mu, so that no Add follows the Wait of a Shutdown or Close.
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			c.Close()
+			continue
+		}
+		s.starting[c] = struct{}{}
 		s.wg.Add(1)
+		s.mu.Unlock()
 		go func() {
 			defer s.wg.Done()
 			s.handle(c)
@@ -246,20 +257,32 @@ func (s *Server) stopAccepting() error {
 func (s *Server) closeSessions() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for c := range s.starting { // a client still in its startup could hold Shutdown for long
+		c.SetDeadline(time.Unix(1, 0))
+	}
 	for ss := range s.sessions {
 		ss.stop(errShutdown)
 	}
 }
 
 // register adds a session that has connected upstream; it fails once the server is closing.
-func (s *Server) register(ss *session) bool {
+// c is the accepted connection under ss.client.
+func (s *Server) register(ss *session, c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	delete(s.starting, c)
 	if s.closing {
 		return false
 	}
 	s.sessions[ss] = struct{}{}
 	return true
+}
+
+// started forgets an accepted connection that ends before it is registered.
+func (s *Server) started(c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.starting, c)
 }
 
 func (s *Server) unregister(ss *session) {

@@ -60,6 +60,7 @@ func (s *Server) handle(c net.Conn) {
 	ss.info.Start = start
 	ss.info.Upstream = s.upstream.name
 	defer c.Close()
+	defer s.started(c)
 
 	c.SetDeadline(start.Add(s.cfg.StartupTimeout))
 	if err := ss.negotiate(); err != nil {
@@ -84,7 +85,7 @@ func (s *Server) handle(c net.Conn) {
 	}
 	ss.upstream = up
 	defer up.Close()
-	if !s.register(ss) {
+	if !s.register(ss, c) {
 		c.Write(errorMessage("FATAL", codeCannotConnectNow, "pgfly is shutting down"))
 		return
 	}

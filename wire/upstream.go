@@ -91,7 +91,8 @@ func (t target) dial(ctx context.Context) (net.Conn, error) {
 	binary.BigEndian.PutUint32(req[0:4], 8)
 	binary.BigEndian.PutUint32(req[4:8], codeSSL)
 	var resp [1]byte
-	if _, err := c.Write(req[:]); err == nil {
+	_, err = c.Write(req[:])
+	if err == nil {
 		_, err = io.ReadFull(c, resp[:])
 	}
 	if err != nil {

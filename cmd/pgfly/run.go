@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -435,11 +436,22 @@ func waitListening(ctx context.Context, addr string, timeout time.Duration) erro
 	}
 }
 
-// redact hides a URL's password, for logs.
+// redact hides a connection string's password, for logs: the URL's user password and a
+// password query parameter, or a keyword/value string's password.
 func redact(s string) string {
 	u, err := url.Parse(s)
 	if err != nil {
 		return "(unparsable URL)"
 	}
+	if u.Scheme == "" { // keyword/value form, e.g. "host=db password=secret"
+		return keywordPassword.ReplaceAllString(s, "${1}xxxxx")
+	}
+	if q := u.Query(); q.Has("password") {
+		q.Set("password", "xxxxx")
+		u.RawQuery = q.Encode()
+	}
 	return u.Redacted()
 }
+
+// keywordPassword matches the password of a keyword/value connection string, quoted or not.
+var keywordPassword = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)

@@ -319,3 +319,23 @@ func TestRunSampleApp(t *testing.T) {
 		})
 	}
 }
+
+func TestRedact(t *testing.T) {
+	tests := []struct {
+		name, in, want string
+	}{
+		{name: "URL user password", in: "postgres://app:s3cret@db:5432/app", want: "postgres://app:xxxxx@db:5432/app"},
+		{name: "URL password parameter", in: "postgres://app@db/app?password=s3cret&sslmode=require", want: "postgres://app@db/app?password=xxxxx&sslmode=require"},
+		{name: "keyword/value password", in: "host=db user=app password=s3cret dbname=app", want: "host=db user=app password=xxxxx dbname=app"},
+		{name: "keyword/value quoted password", in: "host=db password = 'a b\\' s3cret' dbname=app", want: "host=db password = xxxxx dbname=app"},
+		{name: "no password", in: "postgres://app@db/app", want: "postgres://app@db/app"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := redact(tt.in)
+			if got != tt.want || strings.Contains(got, "s3cret") {
+				t.Errorf("redact(%q): got %q, want %q", tt.in, got, tt.want)
+			}
+		})
+	}
+}
