@@ -18,15 +18,16 @@ import (
 	"github.com/pgfly/pgfly/internal/delay"
 	"github.com/pgfly/pgfly/internal/edge"
 	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/internal/sampleapp"
 	"github.com/pgfly/pgfly/internal/sidecar"
 	"github.com/pgfly/pgfly/router"
 )
 
-// Region names, as in internal/regions.
+// Region names, the same as the demo's and the tests'.
 const (
-	primaryRegion = "iad"
-	replicaRegion = "fra"
+	primaryRegion = regions.DefaultPrimaryRegion
+	replicaRegion = regions.DefaultReplicaRegion
 )
 
 // twoRegions is three ways to run the sample app for users in the replica region, side by

@@ -405,10 +405,7 @@ func primaryInsertLSN(tb testing.TB) lag.LSN {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-	if err != nil {
-		tb.Fatalf("connect to the primary: %v", err)
-	}
+	conn := connectTo(tb, cluster.Primary)
 	defer conn.Close(ctx)
 	var text string
 	if err := conn.QueryRow(ctx, "select pg_current_wal_insert_lsn()::text").Scan(&text); err != nil {
@@ -431,13 +428,7 @@ type replay struct {
 // fresh connection in case the replica was restarted.
 func replayControl(tb testing.TB) *replay {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-	if err != nil {
-		tb.Fatalf("connect to the replica: %v", err)
-	}
-	r := &replay{conn: conn}
+	r := &replay{conn: connectTo(tb, cluster.Replica)}
 	tb.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

@@ -92,15 +92,33 @@ func postForm(tb testing.TB, u string, form url.Values) reply {
 		http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Accept": {"application/json"}})
 }
 
+// connectTo opens a superuser connection to one of the cluster's servers, directly; the
+// caller closes it.
+func connectTo(tb testing.TB, s *pgcluster.Server, params ...string) *pgx.Conn {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, s.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database, params...))
+	if err != nil {
+		tb.Fatalf("connect to the %s: %v", s.Name, err)
+	}
+	return conn
+}
+
+// wantRows checks how many items have a name on one server.
+func wantRows(tb testing.TB, s *pgcluster.Server, name string, want int) {
+	tb.Helper()
+	if n := rowsNamed(tb, s, name); n != want {
+		tb.Fatalf("got %d rows named %s on the %s, want %d", n, name, s.Name, want)
+	}
+}
+
 // rowsNamed counts the items with a name on one server, directly.
 func rowsNamed(tb testing.TB, s *pgcluster.Server, name string) int {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, s.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-	if err != nil {
-		tb.Fatalf("connect %s: %v", s.Name, err)
-	}
+	conn := connectTo(tb, s)
 	defer conn.Close(ctx)
 	var n int
 	if err := conn.QueryRow(ctx, "select count(*) from items where name = $1", name).Scan(&n); err != nil {
@@ -152,31 +170,23 @@ func TestReplayThroughTheEdge(t *testing.T) {
 		name := unique("post")
 		got := postForm(t, w.EdgeURL+"/items", url.Values{"name": {name}})
 		wantReply(t, got, http.StatusCreated, "iad", "fra>iad")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows on the primary, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 		waitReplayed(t)
-		if n := rowsNamed(t, cluster.Replica, name); n != 1 {
-			t.Fatalf("got %d rows on the replica, want 1", n)
-		}
+		wantRows(t, cluster.Replica, name, 1)
 	})
 
 	t.Run("a GET that writes is replayed too", func(t *testing.T) {
 		name := unique("touch")
 		got := do(t, http.MethodGet, w.EdgeURL+"/touch?name="+name, nil, nil)
 		wantReply(t, got, http.StatusOK, "iad", "fra>iad")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 	})
 
 	t.Run("a transaction is replayed and commits once", func(t *testing.T) {
 		name := unique("tx")
 		got := do(t, http.MethodPost, w.EdgeURL+"/tx?name="+name, nil, nil)
 		wantReply(t, got, http.StatusCreated, "iad", "fra>iad")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 	})
 
 	t.Run("every replay decision is one log line that follows the request", func(t *testing.T) {
@@ -291,10 +301,7 @@ func setPrimaryReadOnly(tb testing.TB, on bool) {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-	if err != nil {
-		tb.Fatalf("connect: %v", err)
-	}
+	conn := connectTo(tb, cluster.Primary)
 	defer conn.Close(ctx)
 	stmt := "alter system reset default_transaction_read_only"
 	if on {
@@ -343,23 +350,17 @@ func TestProxyMode(t *testing.T) {
 		name := unique("proxy-post")
 		got := postForm(t, fra+"/items", url.Values{"name": {name}})
 		wantReply(t, got, http.StatusCreated, "iad", "")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 	})
 	t.Run("a GET that writes", func(t *testing.T) {
 		name := unique("proxy-touch")
 		wantReply(t, do(t, http.MethodGet, fra+"/touch?name="+name, nil, nil), http.StatusOK, "iad", "")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 	})
 	t.Run("a transaction", func(t *testing.T) {
 		name := unique("proxy-tx")
 		wantReply(t, do(t, http.MethodPost, fra+"/tx?name="+name, nil, nil), http.StatusCreated, "iad", "")
-		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
-			t.Fatalf("got %d rows, want 1", n)
-		}
+		wantRows(t, cluster.Primary, name, 1)
 	})
 	t.Run("a body within the limit is replayed whole", func(t *testing.T) {
 		name := unique("proxy-upload")
@@ -379,9 +380,7 @@ func TestProxyMode(t *testing.T) {
 		if got.status != http.StatusServiceUnavailable || !strings.Contains(got.body, "1048576") {
 			t.Fatalf("got %d %q, want 503 naming the 1048576-byte limit", got.status, got.body)
 		}
-		if n := rowsNamed(t, cluster.Primary, name); n != 0 {
-			t.Fatalf("got %d rows, want none", n)
-		}
+		wantRows(t, cluster.Primary, name, 0)
 	})
 }
 
@@ -396,9 +395,7 @@ func TestWhatIsNeverReplayed(t *testing.T) {
 		if got.status != http.StatusBadGateway {
 			t.Fatalf("got %d %q, want the edge's 502", got.status, got.body)
 		}
-		if n := rowsNamed(t, cluster.Primary, name); n != 0 {
-			t.Fatalf("got %d rows, want none", n)
-		}
+		wantRows(t, cluster.Primary, name, 0)
 	})
 
 	t.Run("a request pgfly replayed already is not replayed again", func(t *testing.T) {

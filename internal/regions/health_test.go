@@ -8,12 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
-	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
@@ -240,10 +238,7 @@ func insertOnPrimary(tb testing.TB, name string) {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database, "synchronous_commit=on"))
-	if err != nil {
-		tb.Fatalf("connect to the primary: %v", err)
-	}
+	conn := connectTo(tb, cluster.Primary, "synchronous_commit=on")
 	defer conn.Close(ctx)
 	if _, err := conn.Exec(ctx, "insert into items (name, region) values ($1, 'iad')", name); err != nil {
 		tb.Fatalf("insert on the primary: %v", err)
