@@ -150,8 +150,10 @@ func TestLagWhileReplayPaused(t *testing.T) {
 	pauseReplay(t)
 	id := write(t, primary)
 	target := queryLSN(t, primary, "SELECT pg_current_wal_lsn()::text")
-	paused := waitStatus(t, m, 10*time.Second, "lag in bytes and seconds with replay paused", func(st lag.Status) bool {
-		return st.PrimaryLSN >= target && st.LagBytes > 0 && st.LagSeconds > 0
+	// A status may join a primary poll after the write with an upstream
+	// poll from before the pause; wait for one that has seen both.
+	paused := waitStatus(t, m, 10*time.Second, "replay paused, lag in bytes and seconds", func(st lag.Status) bool {
+		return st.ReplayPaused && st.PrimaryLSN >= target && st.LagBytes > 0 && st.LagSeconds > 0
 	})
 	if paused.ReplayLSN >= target {
 		t.Errorf("ReplayLSN = %v with replay paused, want below %v", paused.ReplayLSN, target)
@@ -170,6 +172,9 @@ func TestLagWhileReplayPaused(t *testing.T) {
 	})
 	if caughtUp.LagSeconds != 0 {
 		t.Errorf("LagSeconds = %v after catching up, want 0", caughtUp.LagSeconds)
+	}
+	if caughtUp.ReplayPaused {
+		t.Errorf("ReplayPaused = true after replay resumed, want false")
 	}
 }
 
@@ -234,8 +239,8 @@ func TestWaitFor(t *testing.T) {
 		}
 	})
 
-	t.Run("times out while replay is paused and returns once it resumes", func(t *testing.T) {
-		pauseReplay(t)
+	t.Run("times out while replay is behind and returns once it catches up", func(t *testing.T) {
+		release := holdReplay(t)
 		id := write(t, primary)
 		lsn, err := m.PrimaryLSN(context.Background())
 		if err != nil {
@@ -246,7 +251,7 @@ func TestWaitFor(t *testing.T) {
 		err = m.WaitFor(ctx, lsn)
 		cancel()
 		if !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("WaitFor(%v) with replay paused: got %v, want %v", lsn, err, context.DeadlineExceeded)
+			t.Fatalf("WaitFor(%v) with replay held back: got %v, want %v", lsn, err, context.DeadlineExceeded)
 		}
 
 		ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
@@ -256,12 +261,12 @@ func TestWaitFor(t *testing.T) {
 		time.Sleep(50 * time.Millisecond) // let it poll a few times with nothing to find
 		select {
 		case err := <-done:
-			t.Fatalf("WaitFor(%v) returned %v before replay resumed", lsn, err)
+			t.Fatalf("WaitFor(%v) returned %v before replay went on", lsn, err)
 		default:
 		}
-		resumeReplay(t)
+		release()
 		if err := <-done; err != nil {
-			t.Fatalf("WaitFor(%v) after replay resumed: got %v, want nil", lsn, err)
+			t.Fatalf("WaitFor(%v) after replay went on: got %v, want nil", lsn, err)
 		}
 		if st := m.Status(); st.ReplayLSN < lsn {
 			t.Errorf("ReplayLSN = %v after WaitFor(%v) returned", st.ReplayLSN, lsn)
@@ -269,6 +274,176 @@ func TestWaitFor(t *testing.T) {
 		replica := connect(t, superuserURL(cluster.Replica), nil)
 		if !visible(t, replica, id) {
 			t.Errorf("row %d not visible on the replica after WaitFor returned", id)
+		}
+	})
+}
+
+// unreachableBound is how soon a WaitFor with a 5s deadline must answer
+// ErrUnreachable in these tests: well before the deadline, generously (the
+// rate rule needs a second of history, and tests do not assert speed).
+const unreachableBound = 2500 * time.Millisecond
+
+// waitUnreachable runs WaitFor(lsn) with a 5s deadline and fails the test
+// unless it answers ErrUnreachable before the deadline.
+func waitUnreachable(tb testing.TB, m *lag.Monitor, lsn lag.LSN) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	began := time.Now()
+	err := m.WaitFor(ctx, lsn)
+	took := time.Since(began)
+	if !errors.Is(err, lag.ErrUnreachable) {
+		tb.Fatalf("WaitFor(%v): got %v after %v, want %v", lsn, err, took, lag.ErrUnreachable)
+	}
+	if ctx.Err() != nil || took > unreachableBound {
+		tb.Errorf("WaitFor(%v) answered %v after %v, want it well before the 5s deadline", lsn, err, took)
+	}
+	tb.Logf("WaitFor(%v) answered %v after %v", lsn, err, took.Round(10*time.Microsecond))
+}
+
+func TestWaitForReplayPaused(t *testing.T) {
+	cfg := lag.Config{Upstream: monitorURL(cluster.Replica), Primary: monitorURL(cluster.Primary), Interval: fast}
+	m := startMonitor(t, cfg)
+	primary := connect(t, superuserURL(cluster.Primary), nil)
+	replica := connect(t, superuserURL(cluster.Replica), nil)
+	t.Cleanup(func() { resumeReplay(t) }) // the pause spans the subtests
+
+	var lsn lag.LSN
+	var id int64
+	if !t.Run("a pending waiter is woken when replay pauses", func(t *testing.T) {
+		release := holdReplay(t) // behind but not paused: the waiter waits
+		id = write(t, primary)
+		var err error
+		if lsn, err = m.PrimaryLSN(context.Background()); err != nil {
+			t.Fatalf("PrimaryLSN: %v", err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done := make(chan error, 1)
+		go func() { done <- m.WaitFor(ctx, lsn) }()
+		time.Sleep(100 * time.Millisecond)
+		select {
+		case err := <-done:
+			t.Fatalf("WaitFor(%v) returned %v before replay paused", lsn, err)
+		default:
+		}
+		pausedAt := time.Now()
+		exec(t, replica, "SELECT pg_wal_replay_pause()")
+		err = <-done
+		took := time.Since(pausedAt)
+		if !errors.Is(err, lag.ErrUnreachable) {
+			t.Fatalf("WaitFor(%v) once replay paused: got %v after %v, want %v", lsn, err, took, lag.ErrUnreachable)
+		}
+		if ctx.Err() != nil || took > unreachableBound {
+			t.Errorf("WaitFor(%v) answered %v %v after the pause, want it well before the 5s deadline", lsn, err, took)
+		}
+		if st := m.Status(); !st.ReplayPaused || st.ReplayLSN >= lsn {
+			t.Errorf("got %+v, want ReplayPaused and ReplayLSN below %v", st, lsn)
+		}
+		release() // replay stays paused
+	}) {
+		return
+	}
+
+	t.Run("answers at once from the last poll", func(t *testing.T) {
+		// An hour's interval: only waiters make this monitor poll.
+		idleCfg := cfg
+		idleCfg.Interval = time.Hour
+		idle := startMonitor(t, idleCfg) // its first poll sees the pause
+		if !idle.Status().ReplayPaused {
+			t.Errorf("ReplayPaused = false after a poll with replay paused, want true")
+		}
+		polls := idle.Polls()
+		waitUnreachable(t, idle, lsn)
+		if got := idle.Polls(); got != polls {
+			t.Errorf("Polls went from %d to %d, want the answer from the last poll", polls, got)
+		}
+	})
+
+	t.Run("without a deadline too", func(t *testing.T) {
+		if err := m.WaitFor(context.Background(), lsn); !errors.Is(err, lag.ErrUnreachable) {
+			t.Errorf("WaitFor(%v) without a deadline while paused: got %v, want %v", lsn, err, lag.ErrUnreachable)
+		}
+	})
+
+	t.Run("an LSN already replayed is no wait", func(t *testing.T) {
+		replayed := m.Status().ReplayLSN
+		if err := m.WaitFor(context.Background(), replayed); err != nil {
+			t.Errorf("WaitFor(%v) with ReplayLSN %v while paused: got %v, want nil", replayed, replayed, err)
+		}
+	})
+
+	t.Run("waits again once replay resumes", func(t *testing.T) {
+		resumeReplay(t)
+		waitStatus(t, m, 10*time.Second, "replay no longer paused", func(st lag.Status) bool { return !st.ReplayPaused })
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := m.WaitFor(ctx, lsn); err != nil {
+			t.Fatalf("WaitFor(%v) after replay resumed: got %v, want nil", lsn, err)
+		}
+		if !visible(t, replica, id) {
+			t.Errorf("row %d not visible on the replica after WaitFor returned", id)
+		}
+	})
+}
+
+func TestWaitForFarBehind(t *testing.T) {
+	m := startMonitor(t, lag.Config{Upstream: monitorURL(cluster.Replica), Primary: monitorURL(cluster.Primary)})
+	primary := connect(t, superuserURL(cluster.Primary), nil)
+	release := holdReplay(t) // no replay at all: a rate of 0 with WAL to replay
+
+	t.Run("a small gap waits out the deadline", func(t *testing.T) {
+		write(t, primary)
+		lsn, err := m.PrimaryLSN(context.Background())
+		if err != nil {
+			t.Fatalf("PrimaryLSN: %v", err)
+		}
+		// Longer than the rate rule's window, so it has a rate to judge by.
+		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+		defer cancel()
+		if err := m.WaitFor(ctx, lsn); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("WaitFor(%v) a few bytes behind a stalled replay: got %v, want %v", lsn, err, context.DeadlineExceeded)
+		}
+	})
+
+	var lsn lag.LSN
+	if !t.Run("a large gap is unreachable before the deadline", func(t *testing.T) {
+		lsn = writeWAL(t, primary, 32<<20)
+		waitUnreachable(t, m, lsn) // from the last poll and the second before it
+		if st := m.Status(); st.ReplayPaused {
+			t.Errorf("ReplayPaused = true with replay only held back, want false")
+		}
+		// A monitor with no history yet waits until its polls have
+		// measured a second of replay, then wakes the waiter.
+		fresh := startMonitor(t, lag.Config{Upstream: monitorURL(cluster.Replica), Primary: monitorURL(cluster.Primary)})
+		waitUnreachable(t, fresh, lsn)
+	}) {
+		return
+	}
+
+	t.Run("reachable once replay goes on", func(t *testing.T) {
+		release()
+		// Right after the release the last second's rate is still about 0,
+		// so an early answer may be ErrUnreachable; it must turn into nil.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		err := m.WaitFor(ctx, lsn)
+		for errors.Is(err, lag.ErrUnreachable) {
+			time.Sleep(10 * time.Millisecond)
+			err = m.WaitFor(ctx, lsn)
+		}
+		if err != nil {
+			t.Fatalf("WaitFor(%v) after replay went on: got %v, want nil", lsn, err)
+		}
+	})
+
+	t.Run("a primary upstream only waits", func(t *testing.T) {
+		pm := startMonitor(t, lag.Config{Upstream: monitorURL(cluster.Primary)})
+		far := pm.Status().ReplayLSN + 1<<40
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		if err := pm.WaitFor(ctx, far); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("WaitFor(%v) on a primary: got %v, want %v", far, err, context.DeadlineExceeded)
 		}
 	})
 }
@@ -283,7 +458,7 @@ func TestWaitForManyWaiters(t *testing.T) {
 	})
 	primary := connect(t, superuserURL(cluster.Primary), nil)
 
-	pauseReplay(t)
+	release := holdReplay(t)
 	lsns := make([]lag.LSN, waiters)
 	for i := range lsns {
 		write(t, primary)
@@ -297,7 +472,7 @@ func TestWaitForManyWaiters(t *testing.T) {
 		lsns[i] = lsn
 	}
 	if st := m.Status(); st.ReplayLSN >= lsns[0] {
-		t.Fatalf("ReplayLSN %v already covers the first LSN %v with replay paused", st.ReplayLSN, lsns[0])
+		t.Fatalf("ReplayLSN %v already covers the first LSN %v with replay held back", st.ReplayLSN, lsns[0])
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -315,9 +490,9 @@ func TestWaitForManyWaiters(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond)
 	if n := returned.Load(); n != 0 {
-		t.Fatalf("%d waiters returned before replay resumed", n)
+		t.Fatalf("%d waiters returned before replay went on", n)
 	}
-	resumeReplay(t)
+	release()
 	wg.Wait()
 	elapsed := time.Since(began)
 	polls := m.Polls() - pollsBefore

@@ -15,17 +15,17 @@ func TestWaitForWakeLatency(t *testing.T) {
 	t.Logf("WaitInterval %v", lag.DefaultWaitInterval)
 
 	t.Run("after the replica replays", func(t *testing.T) {
-		// Pause replay, write, start a waiter, resume replay and watch the
-		// replica in a tight loop: the wake-up latency is roughly when
-		// WaitFor returned minus when the loop first saw the LSN replayed
-		// (negative when the monitor saw it first).
+		// Hold replay back (a paused replay would make WaitFor answer
+		// ErrUnreachable), write, start a waiter, let replay go on and
+		// watch the replica in a tight loop: the wake-up latency is roughly
+		// when WaitFor returned minus when the loop first saw the LSN
+		// replayed (negative when the monitor saw it first).
 		const rounds = 20
 		primary := connect(t, superuserURL(cluster.Primary), nil)
 		replica := connect(t, superuserURL(cluster.Replica), nil)
-		t.Cleanup(func() { resumeReplay(t) })
 		var lags []time.Duration
 		for range rounds {
-			exec(t, replica, "SELECT pg_wal_replay_pause()")
+			release := holdReplay(t)
 			write(t, primary)
 			lsn, err := m.PrimaryLSN(context.Background())
 			if err != nil {
@@ -39,7 +39,7 @@ func TestWaitForWakeLatency(t *testing.T) {
 				}
 				returned <- time.Now()
 			}()
-			exec(t, replica, "SELECT pg_wal_replay_resume()")
+			release()
 			var seen time.Time
 			for seen.IsZero() && ctx.Err() == nil {
 				var done bool

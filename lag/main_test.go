@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,19 +18,23 @@ import (
 )
 
 // cluster is one real primary and streaming replica shared by the tests in
-// this package. Tests run one at a time; a test that pauses replay resumes it
-// in its Cleanup, and none stops a shared server (TestServerDownAndBack
-// starts its own cluster for that).
+// this package. Tests run one at a time; a test that pauses or holds back
+// replay lets it go on in its Cleanup, and none stops a shared server
+// (TestServerDownAndBack starts its own cluster for that).
 var cluster *pgcluster.Cluster
 
 // writesTable is the table tests write to on the shared cluster's primary.
 const writesTable = "lag_writes"
 
+// holdTable is the table holdReplay locks on both servers; nothing writes to
+// it.
+const holdTable = "lag_hold"
+
 func TestMain(m *testing.M) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	c, err := pgcluster.Start(ctx, pgcluster.Options{})
 	if err == nil {
-		err = createWritesTable(ctx, c)
+		err = createTables(ctx, c)
 	}
 	cancel()
 	if err != nil {
@@ -47,16 +52,21 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// createWritesTable creates writesTable on c's primary and waits until the
-// replica has it.
-func createWritesTable(ctx context.Context, c *pgcluster.Cluster) error {
+// createTables creates writesTable and holdTable on c's primary and waits
+// until the replica has them.
+func createTables(ctx context.Context, c *pgcluster.Cluster) error {
 	conn, err := pgx.Connect(ctx, superuserURL(c.Primary))
 	if err != nil {
 		return err
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "CREATE TABLE "+writesTable+" (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"); err != nil {
-		return err
+	for _, sql := range []string{
+		"CREATE TABLE " + writesTable + " (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())",
+		"CREATE TABLE " + holdTable + " ()",
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return err
+		}
 	}
 	return c.WaitReplayed(ctx)
 }
@@ -210,6 +220,40 @@ func resumeReplay(tb testing.TB) {
 	tb.Helper()
 	replica := connect(tb, superuserURL(cluster.Replica), nil)
 	exec(tb, replica, "SELECT pg_wal_replay_resume()")
+}
+
+// holdReplay holds back WAL replay on the shared replica without pausing it,
+// as a replica that is merely behind: a transaction on the replica holds a
+// lock on holdTable and the primary then locks it exclusively, so replay
+// waits at that lock (a replay conflict) until the returned release is
+// called, or the test ends, or the replica's max_standby_streaming_delay
+// (30s) cancels the holder. WAL written after the call is received but not
+// replayed, and Status().ReplayPaused stays false. release may be called
+// more than once.
+func holdReplay(tb testing.TB) (release func()) {
+	tb.Helper()
+	replica := connect(tb, superuserURL(cluster.Replica), nil)
+	exec(tb, replica, "BEGIN")
+	exec(tb, replica, "LOCK TABLE "+holdTable+" IN ACCESS SHARE MODE")
+	primary := connect(tb, superuserURL(cluster.Primary), nil)
+	exec(tb, primary, "BEGIN; LOCK TABLE "+holdTable+" IN ACCESS EXCLUSIVE MODE; COMMIT")
+	var once sync.Once
+	release = func() { once.Do(func() { exec(tb, replica, "COMMIT") }) }
+	tb.Cleanup(release)
+	return release
+}
+
+// writeWAL makes the primary write about n bytes of WAL through conn (a
+// logical decoding message, which needs no table and is a no-op to replay)
+// and returns the primary's insert position after it.
+func writeWAL(tb testing.TB, conn *pgx.Conn, n int) lag.LSN {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(ctx, "SELECT pg_logical_emit_message(false, 'pgfly-lag-test', repeat('x', $1))", n); err != nil {
+		tb.Fatalf("write %d bytes of WAL: %v", n, err)
+	}
+	return queryLSN(tb, conn, "SELECT pg_current_wal_insert_lsn()::text")
 }
 
 // exec runs a statement on conn.

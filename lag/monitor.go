@@ -46,11 +46,18 @@ const applicationName = "pgfly-lag"
 // The monitoring queries. Each is a single read-only statement; LSNs come back
 // as text because pgx has no pg_lsn type.
 const (
-	// upstreamQuery is the one query of an upstream poll.
+	// upstreamQuery is the one query of an upstream poll: the role, the
+	// replay (or, on a primary, the write) position, the age of the last
+	// replayed commit, the receive position (NULL on a primary and without a
+	// WAL receiver) and whether replay is paused. pg_is_wal_replay_paused()
+	// is also true while a pause is requested but not yet reached (PG14 and
+	// later), which is the same for a waiter: replay stops before the next
+	// record. It fails outside recovery, hence the CASE.
 	upstreamQuery = `select pg_is_in_recovery(),
 	(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text,
 	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
-	coalesce(pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn(), false)`
+	pg_last_wal_receive_lsn()::text,
+	case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end`
 	// primaryQuery is the one query of a primary poll.
 	primaryQuery = `select pg_current_wal_lsn()::text`
 	// bookmarkQuery is PrimaryLSN's query: the insert position, its offset
@@ -67,6 +74,13 @@ var ErrClosed = errors.New("lag: monitor closed")
 // ErrNoPrimary is returned by PrimaryLSN when no primary is configured and the
 // upstream is a replica, or when the configured primary is in recovery.
 var ErrNoPrimary = errors.New("lag: no primary to ask: the server is in recovery")
+
+// ErrUnreachable is returned by WaitFor as soon as the Monitor can tell that
+// the upstream, a replica, will not replay the LSN before ctx's deadline:
+// its replay is paused, or it is so far behind at the rate it replays that
+// it cannot catch up in time (see WaitFor). Waiting longer would be wasted;
+// the caller should serve the request elsewhere.
+var ErrUnreachable = errors.New("lag: the upstream cannot replay the LSN in time")
 
 // Config configures a Monitor. Zero durations take their defaults.
 type Config struct {
@@ -127,6 +141,11 @@ type Status struct {
 	// LagBytes is PrimaryLSN - ReplayLSN, clamped at 0 (the two are polled at
 	// different moments), or -1 when either is unknown.
 	LagBytes int64
+	// ReplayPaused reports whether WAL replay is paused on the upstream, or a
+	// pause is requested (pg_is_wal_replay_paused()); false on a primary and
+	// while the upstream is down. While it is true WaitFor answers
+	// ErrUnreachable for any LSN not replayed yet.
+	ReplayPaused bool
 	// LagSeconds is 0 when the upstream has replayed PrimaryLSN or is the
 	// primary; otherwise the upstream's now() minus the commit time of the
 	// last transaction it replayed (clamped at 0), or -1 when unknown. With
@@ -146,6 +165,8 @@ type upstreamState struct {
 	downSince time.Time // when the current outage began
 	role      Role
 	lsn       LSN
+	received  LSN      // a replica's receive position; 0 when unknown
+	paused    bool     // a replica's replay is paused or a pause is requested
 	replayAge *float64 // seconds since the last replayed commit; nil when unknown
 	// replayedAll: a replica has replayed all the WAL it has received. Without a primary to
 	// compare with, that is the best sign that it is not behind while the primary is idle.
@@ -185,6 +206,7 @@ type Monitor struct {
 	closed    bool
 	readyOnce [2]sync.Once
 	up        upstreamState
+	replays   replayHistory // the upstream's recent replay positions while it is an up replica
 	pri       primaryState
 	status    Status
 	waiters   waiterHeap
@@ -332,7 +354,26 @@ func (m *Monitor) Polls() uint64 {
 // waiters are served by that one loop. WaitFor returns ctx.Err() when ctx
 // ends first and ErrClosed when the Monitor is closed. Before Start it only
 // waits.
+//
+// When the upstream is an up replica, WaitFor returns ErrUnreachable instead
+// of waiting on, at its start from the last poll (up to Interval old) and
+// after each later poll, as soon as that poll shows that lsn will not be
+// replayed before ctx's deadline:
+//
+//   - replay is paused (Status.ReplayPaused), deadline or not: only an
+//     operator's resume ends a pause;
+//   - or, with a deadline, the rate rule: the replica has had WAL to replay
+//     throughout the last second or more, the gap lsn - ReplayLSN is at
+//     least 16 MiB, and it is more than 4 times what the replica replayed
+//     per second in that window times the time left until the deadline.
+//
+// The rule leans towards waiting: a wrong ErrUnreachable costs a needless
+// replay in the primary region, a wrong wait only the wait. Small gaps and
+// a replica that is idle or limited by its WAL stream rather than by replay
+// always wait. On a primary, or while the upstream is down, WaitFor only
+// waits.
 func (m *Monitor) WaitFor(ctx context.Context, lsn LSN) error {
+	deadline, _ := ctx.Deadline()
 	m.mu.Lock()
 	if m.up.err == nil && m.up.polled && m.up.lsn >= lsn {
 		m.mu.Unlock()
@@ -342,7 +383,11 @@ func (m *Monitor) WaitFor(ctx context.Context, lsn LSN) error {
 		m.mu.Unlock()
 		return ErrClosed
 	}
-	w := &waiter{lsn: lsn, done: make(chan struct{})}
+	if m.unreachable(lsn, deadline) {
+		m.mu.Unlock()
+		return ErrUnreachable
+	}
+	w := &waiter{lsn: lsn, deadline: deadline, done: make(chan struct{})}
 	heap.Push(&m.waiters, w)
 	m.mu.Unlock()
 
@@ -507,13 +552,15 @@ func nextBackoff(cur, max time.Duration) time.Duration {
 func (m *Monitor) pollUpstream() bool {
 	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.QueryTimeout)
 	var (
-		inRecovery bool
-		lsnText    *string
-		replayAge  *float64
-		replayed   bool
-		lsn        LSN
+		inRecovery   bool
+		lsnText      *string
+		replayAge    *float64
+		receivedText *string
+		paused       bool
+		lsn          LSN
+		received     LSN
 	)
-	err := m.upstream.queryRow(ctx, upstreamQuery, &inRecovery, &lsnText, &replayAge, &replayed)
+	err := m.upstream.queryRow(ctx, upstreamQuery, &inRecovery, &lsnText, &replayAge, &receivedText, &paused)
 	cancel()
 	m.polls.Add(1)
 	if m.ctx.Err() != nil {
@@ -521,6 +568,9 @@ func (m *Monitor) pollUpstream() bool {
 	}
 	if err == nil && lsnText != nil {
 		lsn, err = ParseLSN(*lsnText)
+	}
+	if err == nil && receivedText != nil {
+		received, err = ParseLSN(*receivedText)
 	}
 	now := time.Now()
 
@@ -534,7 +584,11 @@ func (m *Monitor) pollUpstream() bool {
 		}
 		cur.lsn = lsn
 		cur.replayAge = replayAge
-		cur.replayedAll = replayed
+		if inRecovery {
+			cur.received = received
+			cur.paused = paused
+			cur.replayedAll = received != 0 && received <= lsn
+		}
 	} else {
 		cur.downSince = now
 		if prev.polled && prev.err != nil {
@@ -542,11 +596,17 @@ func (m *Monitor) pollUpstream() bool {
 		}
 	}
 	m.up = cur
+	if cur.role == RoleReplica {
+		m.replays.add(replaySample{at: now, replayed: lsn, received: cur.received})
+	} else {
+		m.replays.reset()
+	}
 	m.status = m.snapshot()
 	if err == nil {
 		for m.waiters.Len() > 0 && m.waiters[0].lsn <= lsn {
 			close(heap.Pop(&m.waiters).(*waiter).done)
 		}
+		m.wakeUnreachable()
 	}
 	m.mu.Unlock()
 
@@ -557,14 +617,51 @@ func (m *Monitor) pollUpstream() bool {
 	case err != nil:
 		m.log.Debug("upstream still down", addr, zap.Error(err))
 	case !prev.polled:
-		m.log.Info("upstream up", addr, zap.String("role", string(cur.role)), zap.Stringer("replay_lsn", lsn))
+		m.log.Info("upstream up", addr, zap.String("role", string(cur.role)), zap.Stringer("replay_lsn", lsn),
+			zap.Bool("replay_paused", cur.paused))
 	case prev.err != nil:
 		m.log.Info("upstream up again", addr, zap.String("role", string(cur.role)),
-			zap.Duration("down_for", now.Sub(prev.downSince)), zap.Stringer("replay_lsn", lsn))
+			zap.Duration("down_for", now.Sub(prev.downSince)), zap.Stringer("replay_lsn", lsn),
+			zap.Bool("replay_paused", cur.paused))
 	case prev.role != cur.role && prev.role != RoleUnknown:
 		m.log.Info("upstream role changed", addr, zap.String("from", string(prev.role)), zap.String("to", string(cur.role)))
+	case !prev.paused && cur.paused:
+		m.log.Info("upstream replay paused", addr, zap.Stringer("replay_lsn", lsn))
+	case prev.paused && !cur.paused:
+		m.log.Info("upstream replay resumed", addr, zap.Stringer("replay_lsn", lsn))
 	}
 	return err == nil
+}
+
+// unreachable reports whether the last upstream poll shows that the upstream
+// will not replay lsn by deadline (zero for none): see WaitFor. m.mu must be
+// held.
+func (m *Monitor) unreachable(lsn LSN, deadline time.Time) bool {
+	if !m.up.polled || m.up.err != nil || m.up.role != RoleReplica || m.up.lsn >= lsn {
+		return false
+	}
+	if m.up.paused {
+		return true
+	}
+	last := replaySample{at: m.up.checkedAt, replayed: m.up.lsn, received: m.up.received}
+	base, ok := m.replays.base(last.at)
+	return ok && outOfReach(lsn, deadline, base, last)
+}
+
+// wakeUnreachable wakes, with ErrUnreachable, the pending waiters that the
+// last upstream poll shows cannot be served in time. m.mu must be held.
+func (m *Monitor) wakeUnreachable() {
+	var out []*waiter
+	for _, w := range m.waiters {
+		if m.unreachable(w.lsn, w.deadline) {
+			out = append(out, w)
+		}
+	}
+	for _, w := range out {
+		heap.Remove(&m.waiters, w.index)
+		w.err = ErrUnreachable
+		close(w.done)
+	}
 }
 
 // watchPrimary is the primary's polling loop, every Interval; it ends with
@@ -659,6 +756,7 @@ func (m *Monitor) snapshot() Status {
 	s.UpstreamUp = true
 	s.Role = m.up.role
 	s.ReplayLSN = m.up.lsn
+	s.ReplayPaused = m.up.paused
 	switch {
 	case s.Role == RolePrimary:
 		s.PrimaryUp = true
@@ -684,10 +782,11 @@ func (m *Monitor) snapshot() Status {
 
 // waiter is one pending WaitFor.
 type waiter struct {
-	lsn   LSN
-	done  chan struct{} // closed when the waiter is woken
-	err   error         // why it was woken: nil (replayed) or ErrClosed; set before done is closed
-	index int           // position in the heap, -1 once removed
+	lsn      LSN
+	deadline time.Time     // its context's deadline; zero when it has none
+	done     chan struct{} // closed when the waiter is woken
+	err      error         // why it was woken: nil (replayed), ErrUnreachable or ErrClosed; set before done is closed
+	index    int           // position in the heap, -1 once removed
 }
 
 // waiterHeap keeps pending waiters ordered by LSN, so a poll wakes exactly
