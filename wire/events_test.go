@@ -74,12 +74,32 @@ func TestReadOnlyViolationEvents(t *testing.T) {
 			wantCode: "25006", wantMsg: "cannot execute NOTIFY during recovery", wantTxSt: wire.TxIdle, wantEvent: true},
 		{name: "set transaction read write during recovery", setup: []string{"begin"}, sql: "set transaction read write",
 			wantCode: "0A000", wantMsg: "cannot set transaction read-write mode during recovery", wantTxSt: wire.TxInBlock, wantEvent: true},
+		{name: "begin read write", sql: "begin read write",
+			wantCode: "0A000", wantMsg: "cannot set transaction read-write mode during recovery", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "serializable transaction", setup: []string{"begin"}, sql: "set transaction isolation level serializable",
+			wantCode: "0A000", wantMsg: "cannot use serializable mode in a hot standby", wantTxSt: wire.TxInBlock, wantEvent: true},
+		{name: "select for update", sql: "select * from events_ro for update",
+			wantCode: "25006", wantMsg: "cannot execute SELECT FOR UPDATE in a read-only transaction", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "listen during recovery", sql: "listen events_chan",
+			wantCode: "25006", wantMsg: "cannot execute LISTEN during recovery", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "lock table", setup: []string{"begin"}, sql: "lock table events_ro",
+			wantCode: "25006", wantMsg: "cannot execute LOCK TABLE during recovery", wantTxSt: wire.TxInBlock, wantEvent: true},
+		{name: "temporary table", sql: "create temporary table events_tmp (x int)",
+			wantCode: "25006", wantMsg: "cannot execute CREATE TABLE in a read-only transaction", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "copy from", sql: "copy events_ro from stdin",
+			wantCode: "25006", wantMsg: "cannot execute COPY during recovery", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "current wal position during recovery", sql: "select pg_current_wal_lsn()",
+			wantCode: "55000", wantMsg: "recovery is in progress", wantTxSt: wire.TxIdle, wantEvent: true},
+		{name: "restore point during recovery", sql: "select pg_create_restore_point('x')",
+			wantCode: "55000", wantMsg: "recovery is in progress", wantTxSt: wire.TxIdle, wantEvent: true},
+		// Reported by SQLSTATE alone: the relay cannot tell this 55000 from a standby's without
+		// reading the message, and the observer decides (replaying it costs one wasted replay).
+		{name: "currval before nextval", sql: "select currval('events_ro_seq')",
+			wantCode: "55000", wantMsg: `currval of sequence "events_ro_seq" is not yet defined in this session`, wantTxSt: wire.TxIdle, wantEvent: true},
 
 		{name: "division by zero", sql: "select 1/0", wantCode: "22012"},
 		{name: "undefined table", sql: "insert into events_no_such_table values (1)", wantCode: "42P01"},
-		{name: "restore point during recovery", sql: "select pg_create_restore_point('x')", wantCode: "55000"},
-		{name: "another feature not supported on a standby", setup: []string{"begin"},
-			sql: "set transaction isolation level serializable", wantCode: "0A000"},
+		{name: "a read: no error, no event", sql: "select 1 where false", wantCode: ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -93,7 +113,11 @@ func TestReadOnlyViolationEvents(t *testing.T) {
 			_, err := conn.Exec(ctx, tt.sql, tt.args...)
 			after := time.Now()
 			var pe *pgconn.PgError
-			if !errors.As(err, &pe) || pe.Code != tt.wantCode {
+			if tt.wantCode == "" {
+				if err != nil {
+					t.Fatalf("%s: %v", tt.sql, err)
+				}
+			} else if !errors.As(err, &pe) || pe.Code != tt.wantCode {
 				t.Fatalf("%s: got error %v, want SQLSTATE %s", tt.sql, err, tt.wantCode)
 			}
 
@@ -123,6 +147,9 @@ func TestReadOnlyViolationEvents(t *testing.T) {
 			}
 			if v.Time.Before(before) || v.Time.After(after) {
 				t.Errorf("Time: got %v, want between %v and %v", v.Time, before, after)
+			}
+			if v.SentAt.Before(before) || v.SentAt.After(v.Time) {
+				t.Errorf("SentAt: got %v, want between %v (the statement's start) and %v (the error)", v.SentAt, before, v.Time)
 			}
 			if v.TxStatus != tt.wantTxSt {
 				t.Errorf("TxStatus: got %v, want %v", v.TxStatus, tt.wantTxSt)
@@ -226,6 +253,61 @@ func TestReadOnlyEventTraceID(t *testing.T) {
 				t.Errorf("TraceID: got %q, want %q", got[0].TraceID, tt.want)
 			}
 		})
+	}
+}
+
+// TestReadOnlyEventTraceIDPreparedStatements: the trace id of a refusal is that of the statement
+// that failed, also when pgx runs it as a cached named prepared statement (its comment was seen
+// once, at Parse, and each later run is only Bind and Execute), and a statement without a
+// comment never inherits the id of one before it.
+func TestReadOnlyEventTraceIDPreparedStatements(t *testing.T) {
+	replicatedTable(t, "events_prep")
+	const a, b = "0af7651916cd43dd8448eb211c80319c", "4bf92f3577b34da6a3ce929d0e0e4736"
+	comment := func(id string) string { return " /*traceparent='00-" + id + "-b7ad6b7169203331-01'*/" }
+	insertA := "insert into events_prep values ($1, 'a')" + comment(a)
+	insertB := "insert into events_prep values ($1, 'b')" + comment(b)
+	plain := "insert into events_prep values ($1, 'plain')"
+	steps := []struct {
+		name  string
+		sql   string
+		mode  pgx.QueryExecMode
+		batch []string // sent as one pgx batch (one Sync) instead of sql
+		want  string
+	}{
+		{name: "first run: Parse with the comment, then Bind", sql: insertA, mode: pgx.QueryExecModeCacheStatement, want: a},
+		{name: "a statement without a comment", sql: plain, mode: pgx.QueryExecModeCacheStatement, want: ""},
+		{name: "the cached statement again: Bind only", sql: insertA, mode: pgx.QueryExecModeCacheStatement, want: a},
+		{name: "another cached statement", sql: insertB, mode: pgx.QueryExecModeCacheStatement, want: b},
+		{name: "the plain one again", sql: plain, mode: pgx.QueryExecModeCacheStatement, want: ""},
+		{name: "unnamed statement", sql: insertB, mode: pgx.QueryExecModeExec, want: b},
+		{name: "unnamed statement without a comment", sql: plain, mode: pgx.QueryExecModeExec, want: ""},
+		{name: "a batch binding two ids is ambiguous", batch: []string{"select 1" + comment(a), "insert into events_prep values (9, 'b')" + comment(b)}, want: ""},
+		{name: "a batch with one id", batch: []string{"select 1" + comment(b), "insert into events_prep values (9, 'b')" + comment(b)}, want: b},
+	}
+	r := replicaRelay(t)
+	conn := r.connect(t)
+	for i, st := range steps {
+		ctx := boundedCtx(t, 10*time.Second)
+		var err error
+		if st.batch != nil {
+			batch := &pgx.Batch{}
+			for _, q := range st.batch {
+				batch.Queue(q)
+			}
+			err = conn.SendBatch(ctx, batch).Close()
+		} else {
+			_, err = conn.Exec(ctx, st.sql, st.mode, i)
+		}
+		if got := sqlState(err); got != "25006" {
+			t.Fatalf("step %d (%s): got %v (SQLSTATE %q), want SQLSTATE 25006", i, st.name, err, got)
+		}
+		got := r.events.Violations()
+		if len(got) != i+1 {
+			t.Fatalf("step %d (%s): %d events in all, want %d", i, st.name, len(got), i+1)
+		}
+		if id := got[i].TraceID; id != st.want {
+			t.Errorf("step %d (%s): TraceID %q, want %q", i, st.name, id, st.want)
+		}
 	}
 }
 
@@ -473,7 +555,8 @@ func TestOddErrorResponsesThroughPgconn(t *testing.T) {
 		{"25006 without a message", errorResponse(false, "C25006"), "25006", "", true},
 		{"0A000 read-write during recovery, localized severity only", errorResponse(false, "SFEHLER", "C0A000",
 			"Mcannot set transaction read-write mode during recovery"), "0A000", "cannot set transaction read-write mode during recovery", true},
-		{"0A000 for something else", errorResponse(false, "SERROR", "C0A000", "Mnot supported"), "0A000", "not supported", false},
+		{"0A000 for something else: reported by code, the observer decides", errorResponse(false, "SERROR", "C0A000", "Mnot supported"), "0A000", "not supported", true},
+		{"another class 0A code", errorResponse(false, "SERROR", "C0A001", "Mnot supported"), "0A001", "not supported", false},
 		{"empty code", errorResponse(false, "SERROR", "C", "Mempty code"), "", "empty code", false},
 		{"a notice is not an error", rawMessage('N', []byte("SNOTICE\x00C25006\x00M"+roMsg+"\x00\x00")), "", "", false},
 	}

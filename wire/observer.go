@@ -48,17 +48,25 @@ type SessionEnd struct {
 	ProtocolError bool // the session ended because a peer broke the protocol
 }
 
-// ReadOnlyViolation is reported when the upstream refuses a statement because it is
-// read-only: SQLSTATE 25006, or 0A000 for SET TRANSACTION READ WRITE during recovery.
-// It is delivered before the ErrorResponse reaches the client.
+// ReadOnlyViolation is reported when the upstream answers with an error a hot standby raises
+// for what only a primary can do: SQLSTATE 25006, 0A000 or 55000, decided by code alone (see
+// isStandbyRefusal). 0A000 and 55000 have other causes too; only an upstream in recovery makes
+// them refusals, which the observer knows and the relay does not. It is delivered before the
+// ErrorResponse reaches the client.
 type ReadOnlyViolation struct {
 	SessionID uint64
 	Time      time.Time
-	Code      string
-	Message   string
-	TxStatus  TxStatus // the status before the failing statement
-	// TraceID is the W3C trace id of the latest statement on this session that carried a
-	// sqlcommenter-style traceparent comment, or "" if none did.
+	// SentAt is when the client's request that failed (its Query, or the first
+	// extended-protocol message after the previous Sync) was forwarded; a client request that
+	// began later cannot have caused the refusal.
+	SentAt   time.Time
+	Code     string
+	Message  string
+	TxStatus TxStatus // the status before the failing statement
+	// TraceID is the W3C trace id of the sqlcommenter-style traceparent comment of the
+	// failing statement: of the Query, or of the Parse of the prepared statement that the
+	// unit's Bind named. "" when it had none, or when one pipelined unit bound statements
+	// with different ids.
 	TraceID string
 }
 

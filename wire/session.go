@@ -21,7 +21,6 @@ import (
 var (
 	errTooManyFiles = syscall.EMFILE
 	errShutdown     = errors.New("pgfly is shutting down")
-	errStopped      = errors.New("session stopped")
 )
 
 // session is one client connection and its upstream connection.
@@ -45,9 +44,8 @@ type session struct {
 	copyIn      bool // a COPY FROM STDIN is running
 	serverFatal bool // the server sent a FATAL or PANIC error
 
-	traceMu  sync.Mutex
-	traceID  [32]byte // hex trace id of the latest statement that carried one
-	hasTrace bool
+	units units           // sent and not yet answered; shared, with its own mutex
+	stmts statementTraces // owned by the client-to-server goroutine
 
 	stopOnce  sync.Once
 	stopCause error
@@ -192,6 +190,7 @@ func (ss *session) rejectStartup(err error) {
 // the client is told and whether the upstream's running query must be cancelled.
 func (ss *session) relay() SessionEnd {
 	ss.pending.Store(1) // the ReadyForQuery that ends startup
+	ss.units.query(traceID{}, false)
 	if _, err := ss.upstream.Write(ss.startup); err != nil {
 		ss.client.Write(errorMessage("FATAL", codeConnectionFailure,
 			fmt.Sprintf("pgfly lost upstream %s: %v", ss.srv.upstream.name, err)))
@@ -302,19 +301,47 @@ func (ss *session) cancelIfBusy() {
 
 // inspectClient acts on the client's messages before they are forwarded.
 func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
+	body := msg[headerLen:]
 	switch typ {
-	case 'Q', 'F':
+	case 'Q':
 		ss.pending.Add(1)
-		if typ == 'Q' {
-			ss.noteTraceID(statementText(msg, whole))
-		}
+		ss.units.query(findTraceID(statementText(msg, whole)))
+	case 'F':
+		ss.pending.Add(1)
+		ss.units.query(traceID{}, false)
 	case 'P':
-		ss.noteTraceID(statementText(msg, whole))
+		ss.units.extended()
+		if name, rest, ok := cbytes(body); ok {
+			var sql []byte
+			if whole {
+				sql, _, _ = cbytes(rest)
+			}
+			id, found := findTraceID(sql)
+			ss.stmts.parsed(name, id, found)
+		}
+	case 'B':
+		var id traceID
+		found := false
+		if _, rest, ok := cbytes(body); ok { // the portal's name, then the statement's
+			if name, _, ok := cbytes(rest); ok {
+				id, found = ss.stmts.lookup(name)
+			}
+		}
+		ss.units.bind(id, found)
+	case 'C':
+		ss.units.extended()
+		if len(body) > 0 && body[0] == 'S' {
+			if name, _, ok := cbytes(body[1:]); ok {
+				ss.stmts.closed(name)
+			}
+		}
 	case 'E':
+		ss.units.extended()
 		ss.unsynced.Store(true)
 	case 'S':
 		ss.pending.Add(1)
 		ss.unsynced.Store(false)
+		ss.units.sync()
 	case 'X':
 		ss.terminated.Store(true)
 	}
@@ -330,6 +357,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 			return nil, &protocolError{"invalid ReadyForQuery"}
 		}
 		ss.pending.Add(-1)
+		ss.units.answered()
 		status := TxStatus(body[0])
 		ss.txStatus.Store(uint32(status))
 		switch status {
@@ -411,17 +439,22 @@ func (ss *session) noteError(body []byte) {
 	if status != TxInBlock && status != TxFailed { // a failed block lives on until ROLLBACK
 		ss.wrote, ss.undone = false, false // an implicit transaction rolled back
 	}
-	if !isReadOnlyViolation(f.code, f.message) {
+	if !isStandbyRefusal(f.code) {
 		return
 	}
-	ss.srv.obs.ReadOnly(ReadOnlyViolation{
+	u := ss.units.current()
+	v := ReadOnlyViolation{
 		SessionID: ss.info.ID,
 		Time:      time.Now(),
+		SentAt:    u.sent,
 		Code:      string(f.code),
 		Message:   string(f.message),
 		TxStatus:  status,
-		TraceID:   ss.lastTraceID(),
-	})
+	}
+	if u.hasTrace {
+		v.TraceID = string(u.trace[:])
+	}
+	ss.srv.obs.ReadOnly(v)
 }
 
 // errorFields are the fields of an ErrorResponse the relay acts on. They alias the message.
@@ -457,15 +490,17 @@ func parseError(body []byte) errorFields {
 	return f
 }
 
-// isReadOnlyViolation tells whether an error means the server refused to write because it is
-// read-only: 25006 in both of its forms ("... in a read-only transaction" and "... during
-// recovery"), and 0A000 for SET TRANSACTION READ WRITE on a standby.
-func isReadOnlyViolation(code, msg []byte) bool {
+// isStandbyRefusal tells whether an error is one a hot standby raises for what only a
+// primary can do: 25006 (read_only_sql_transaction: writes, nextval, NOTIFY, LISTEN, LOCK,
+// temporary tables, COPY FROM, "... during recovery"), 0A000 (feature_not_supported: a
+// read-write or serializable transaction) and 55000 (object_not_in_prerequisite_state:
+// "recovery is in progress", e.g. pg_current_wal_lsn()). The message text is not looked at,
+// since servers speak other languages; a 0A000 or 55000 that has nothing to do with recovery is
+// reported too, and the observer, which knows whether the upstream is in recovery, decides.
+func isStandbyRefusal(code []byte) bool {
 	switch string(code) {
-	case codeReadOnlyTransaction:
+	case codeReadOnlyTransaction, codeFeatureUnsupported, codeNotInPrerequisiteState:
 		return true
-	case codeFeatureUnsupported:
-		return string(msg) == "cannot set transaction read-write mode during recovery"
 	}
 	return false
 }
@@ -494,36 +529,6 @@ func stripChannelBinding(body []byte) ([]byte, error) {
 	return sasl.Encode(nil)
 }
 
-var traceparentKey = []byte("traceparent='00-")
-
-// noteTraceID remembers the trace id of a statement with a sqlcommenter-style comment,
-// /*traceparent='00-<32 hex trace id>-<16 hex span id>-<2 hex flags>'*/, and forgets the
-// previous one when a statement has none: a pooled connection serves many requests.
-func (ss *session) noteTraceID(sql []byte) {
-	var id []byte
-	if i := bytes.Index(sql, traceparentKey); i >= 0 {
-		id = sql[i+len(traceparentKey):]
-		if len(id) < 32 || !isLowerHex(id[:32]) {
-			id = nil
-		}
-	}
-	ss.traceMu.Lock()
-	ss.hasTrace = id != nil
-	if id != nil {
-		copy(ss.traceID[:], id[:32])
-	}
-	ss.traceMu.Unlock()
-}
-
-func (ss *session) lastTraceID() string {
-	ss.traceMu.Lock()
-	defer ss.traceMu.Unlock()
-	if !ss.hasTrace {
-		return ""
-	}
-	return string(ss.traceID[:])
-}
-
 // statementText is the part of a Query or Parse message that is searched for a trace id: the
 // whole body, or nothing for a message too large to buffer (its comment is out of reach).
 func statementText(msg []byte, whole bool) []byte {
@@ -531,13 +536,4 @@ func statementText(msg []byte, whole bool) []byte {
 		return nil
 	}
 	return msg[headerLen:]
-}
-
-func isLowerHex(b []byte) bool {
-	for _, c := range b {
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
-			return false
-		}
-	}
-	return true
 }

@@ -1,7 +1,6 @@
 package wire
 
 import (
-	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -20,12 +19,13 @@ const (
 
 // SQLSTATEs pgfly itself sends.
 const (
-	codeProtocolViolation   = "08P01"
-	codeConnectionFailure   = "08006"
-	codeFeatureUnsupported  = "0A000"
-	codeAdminShutdown       = "57P01"
-	codeCannotConnectNow    = "57P03"
-	codeReadOnlyTransaction = "25006"
+	codeProtocolViolation      = "08P01"
+	codeConnectionFailure      = "08006"
+	codeFeatureUnsupported     = "0A000"
+	codeAdminShutdown          = "57P01"
+	codeCannotConnectNow       = "57P03"
+	codeReadOnlyTransaction    = "25006"
+	codeNotInPrerequisiteState = "55000"
 )
 
 // startupPacket is a client's first packet (or one of its first, after SSL negotiation).
@@ -79,11 +79,8 @@ func startupParams(raw []byte) (map[string]string, error) {
 }
 
 func cstring(b []byte) (s string, rest []byte, ok bool) {
-	i := bytes.IndexByte(b, 0)
-	if i < 0 {
-		return "", nil, false
-	}
-	return string(b[:i]), b[i+1:], true
+	v, rest, ok := cbytes(b)
+	return string(v), rest, ok
 }
 
 // errorMessage encodes an ErrorResponse from pgfly itself.
