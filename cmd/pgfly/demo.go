@@ -418,13 +418,16 @@ func (ev traceEvent) replayReason() string {
 	if ev.msg != msgReplaying {
 		return ""
 	}
-	switch ev.str("reason") {
+	switch router.Reason(ev.str("reason")) {
 	case router.ReasonReadOnly:
 		return fmt.Sprintf("the database in %s is a read-only replica and refused the write (SQLSTATE %s), so pgfly there answered fly-replay: region=%s",
 			ev.str("region"), ev.str("sqlstate"), ev.str("target_region"))
 	case router.ReasonLag:
 		return fmt.Sprintf("the replica in %s had not replayed the request's bookmark in time, so pgfly there answered fly-replay: region=%s",
 			ev.str("region"), ev.str("target_region"))
+	case router.ReasonRoute:
+		return fmt.Sprintf("%s is a %s write route, so pgfly in %s answered fly-replay: region=%s before the app ran it",
+			ev.str("route"), ev.str("route_source"), ev.str("region"), ev.str("target_region"))
 	}
 	return "pgfly asked for a replay (" + ev.str("reason") + ")"
 }
@@ -459,7 +462,7 @@ func (ev traceEvent) String() string {
 // The log messages the trace keeps, by the logger that writes them.
 const (
 	msgHop          = "hop"                             // internal/edge
-	msgViolation    = "read-only violation"             // internal/sidecar
+	msgViolation    = "standby refusal"                 // internal/sidecar
 	msgReplaying    = "replaying in the primary region" // router
 	msgBookmarkWait = "bookmark wait"                   // router, at debug level
 	msgLoopBlocked  = "replayed request hit a read-only database again: not replaying twice"

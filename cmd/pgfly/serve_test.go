@@ -196,7 +196,7 @@ func TestServeLogs(t *testing.T) {
 		t.Errorf("\"session closed\" line: field reason: got %v, want a non-empty string", closed[0].fields["reason"])
 	}
 
-	violations := filterLines(lines, "read-only violation")
+	violations := filterLines(lines, "standby refusal")
 	if len(violations) != 1 {
 		t.Fatalf("got %d \"read-only violation\" lines, want 1", len(violations))
 	}

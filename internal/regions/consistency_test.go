@@ -24,9 +24,10 @@ import (
 )
 
 // TestReadAfterWriteWhileReplayIsPaused stops WAL replay on the replica, so that a client's
-// write cannot reach it, and follows the client's next read.
+// write cannot reach it, and follows the client's next read; then it delays replay instead, so
+// that the write arrives during the read's wait.
 func TestReadAfterWriteWhileReplayIsPaused(t *testing.T) {
-	t.Run("the read waits, then is replayed in the primary region", func(t *testing.T) {
+	t.Run("the monitor knows the replica will not get there: the read is replayed at once", func(t *testing.T) {
 		w := start(t, regions.Options{})
 		replay := replayControl(t)
 		client := browser(t)
@@ -48,46 +49,37 @@ func TestReadAfterWriteWhileReplayIsPaused(t *testing.T) {
 		if len(lines) != 1 {
 			t.Fatalf("got %d replay log lines for the read, want 1", len(lines))
 		}
-		if f := lines[0].ContextMap(); f["reason"] != router.ReasonLag || f["target_region"] != "iad" {
-			t.Fatalf("got log fields %v, want reason %q and target_region iad", f, router.ReasonLag)
+		if f := lines[0].ContextMap(); f["reason"] != string(router.ReasonLag) || f["target_region"] != "iad" {
+			t.Fatalf("got log fields %v, want reason %q and target_region iad", f, string(router.ReasonLag))
 		}
 		after := scrape(t, w.Replica.AdminURL)
 		for _, m := range []struct {
 			name   string
 			labels map[string]string
 		}{
-			{"pgfly_replay_decisions_total", map[string]string{"reason": router.ReasonLag, "outcome": "replayed"}},
-			{"pgfly_bookmark_wait_seconds", map[string]string{"outcome": "timeout"}},
+			{"pgfly_replay_decisions_total", map[string]string{"reason": string(router.ReasonLag), "outcome": "replayed"}},
+			{"pgfly_bookmark_wait_seconds", map[string]string{"outcome": "unreachable"}},
 		} {
 			if d := delta(before, after, m.name, m.labels); d != 1 {
 				t.Errorf("%s%v: got an increase of %v, want 1", m.name, m.labels, d)
 			}
 		}
+		if d := delta(before, after, "pgfly_bookmark_wait_seconds", map[string]string{"outcome": "timeout"}); d != 0 {
+			t.Errorf("bookmark waits that timed out: got an increase of %v, want 0 (a paused replica is not waited for)", d)
+		}
 	})
 
 	t.Run("the replica catches up during the wait: the read is served here", func(t *testing.T) {
-		const wait, pause = 5 * time.Second, 200 * time.Millisecond
+		const wait, delay = 5 * time.Second, 300 * time.Millisecond
 		w := start(t, regions.Options{ConsistencyWait: wait})
-		replay := replayControl(t)
 		client := browser(t)
-		replay.pause(t)
+		applyDelay(t, delay) // replay goes on, each commit applied 300 ms late: behind, not paused
 
-		item := createItem(t, client, w.EdgeURL, unique("resumed"))
+		item := createItem(t, client, w.EdgeURL, unique("delayed"))
 		before := scrape(t, w.Replica.AdminURL)
-		resumed := make(chan error, 1)
-		go func() {
-			time.Sleep(pause)
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			resumed <- replay.set(ctx, false)
-		}()
 		begin := time.Now()
 		got := doWith(t, client, http.MethodGet, itemURL(w.EdgeURL, item.ID), nil, nil)
-		took := time.Since(begin)
-		if err := <-resumed; err != nil {
-			t.Fatalf("resume replay: %v", err)
-		}
-		t.Logf("the read waited %v for the replica; replay was resumed %v after the read was sent", took, pause)
+		t.Logf("the read waited %v for a replica that applies each commit %v late", time.Since(begin), delay)
 		wantReply(t, got, http.StatusOK, "fra", "fra")
 		wantItem(t, got, item)
 
@@ -95,7 +87,7 @@ func TestReadAfterWriteWhileReplayIsPaused(t *testing.T) {
 		if d := delta(before, after, "pgfly_bookmark_wait_seconds", map[string]string{"outcome": "caught_up"}); d != 1 {
 			t.Errorf("caught-up bookmark waits: got an increase of %v, want 1", d)
 		}
-		if d := delta(before, after, "pgfly_replay_decisions_total", map[string]string{"reason": router.ReasonLag}); d != 0 {
+		if d := delta(before, after, "pgfly_replay_decisions_total", map[string]string{"reason": string(router.ReasonLag)}); d != 0 {
 			t.Errorf("replays for lag: got an increase of %v, want 0", d)
 		}
 	})
@@ -283,7 +275,7 @@ func TestMalformedAndForgedBookmarks(t *testing.T) {
 		if d := delta(before, after, "pgfly_bookmark_wait_seconds", map[string]string{"outcome": "timeout"}); d != 1 {
 			t.Errorf("timed-out bookmark waits: got an increase of %v, want 1", d)
 		}
-		if d := delta(before, after, "pgfly_replay_decisions_total", map[string]string{"reason": router.ReasonLag, "outcome": "replayed"}); d != 1 {
+		if d := delta(before, after, "pgfly_replay_decisions_total", map[string]string{"reason": string(router.ReasonLag), "outcome": "replayed"}); d != 1 {
 			t.Errorf("replays for lag: got an increase of %v, want 1", d)
 		}
 	})
@@ -422,6 +414,47 @@ func primaryInsertLSN(tb testing.TB) lag.LSN {
 type replay struct {
 	mu   sync.Mutex
 	conn *pgx.Conn
+}
+
+// applyDelay sets recovery_min_apply_delay on the replica for the rest of the test, so that it
+// replays each commit that late, and waits until the setting is in force.
+func applyDelay(tb testing.TB, d time.Duration) {
+	tb.Helper()
+	set := func(value string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+		if err != nil {
+			return err
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "alter system set recovery_min_apply_delay = '"+value+"'"); err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, "select pg_reload_conf()"); err != nil {
+			return err
+		}
+		for range 100 { // a reload is asynchronous
+			var now string
+			if err := conn.QueryRow(ctx, "show recovery_min_apply_delay").Scan(&now); err != nil {
+				return err
+			}
+			if now == value || value == "0" && now == "0" {
+				return nil
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return fmt.Errorf("recovery_min_apply_delay is not %s after a reload", value)
+	}
+	tb.Cleanup(func() {
+		if err := set("0"); err != nil {
+			tb.Errorf("reset recovery_min_apply_delay: %v", err)
+		}
+		waitReplayed(tb)
+	})
+	if err := set(fmt.Sprintf("%dms", d.Milliseconds())); err != nil {
+		tb.Fatalf("set recovery_min_apply_delay: %v", err)
+	}
 }
 
 // replayControl connects to the replica. Cleanup resumes replay whatever the test did, on a

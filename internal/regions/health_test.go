@@ -37,7 +37,7 @@ func TestMetrics(t *testing.T) {
 		}{
 			{"fra counts the violation", fraBefore, fraAfter, "pgfly_readonly_violations_total", nil, 1},
 			{"fra counts the replay", fraBefore, fraAfter, "pgfly_replay_decisions_total",
-				map[string]string{"reason": router.ReasonReadOnly, "outcome": "replayed"}, 1},
+				map[string]string{"reason": string(router.ReasonReadOnly), "outcome": "replayed"}, 1},
 			{"iad replays nothing", iadBefore, iadAfter, "pgfly_replay_decisions_total", nil, 0},
 			{"iad counts no violation", iadBefore, iadAfter, "pgfly_readonly_violations_total", nil, 0},
 		} {

@@ -31,10 +31,11 @@ type health struct {
 	SessionsOpen  int     `json:"sessions_open"`
 }
 
-// adminHandler serves /health and /metrics.
+// adminHandler serves /health, /metrics and /routes.
 func (s *Sidecar) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", s.serveHealth)
+	mux.HandleFunc("GET /routes", s.serveRoutes)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	return mux
 }
@@ -74,4 +75,17 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(h)
+}
+
+// serveRoutes lists the learned and configured write routes with their counts; 404 when the
+// shim is off, since then no request is ever replayed.
+func (s *Sidecar) serveRoutes(w http.ResponseWriter, r *http.Request) {
+	if s.shim == nil {
+		http.Error(w, "pgfly: the HTTP shim is off (--http-listen is empty): no routes", http.StatusNotFound)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(s.shim.Routes())
 }

@@ -18,6 +18,7 @@ type metrics struct {
 	writes       prometheus.Counter
 	replays      *prometheus.CounterVec
 	bookmarkWait *prometheus.HistogramVec
+	tainted      prometheus.Histogram
 }
 
 func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
@@ -25,7 +26,7 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		reg: prometheus.NewRegistry(),
 		violations: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pgfly_readonly_violations_total",
-			Help: "Statements the upstream refused because it is read-only (SQLSTATE 25006, or 0A000 for SET TRANSACTION READ WRITE).",
+			Help: "Statements the upstream refused because it is a standby (SQLSTATE 25006; 0A000 and 55000 while it is in recovery).",
 		}),
 		writes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "pgfly_writes_committed_total",
@@ -33,16 +34,21 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		}),
 		replays: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pgfly_replay_decisions_total",
-			Help: "Decisions about sending requests to the primary region, by reason (read_only, lag), match (precise, overlap) and outcome (replayed, loop_blocked, too_large, started, no_request, primary, not_replayed).",
-		}, []string{"reason", "match", "outcome"}),
+			Help: "Decisions about sending requests to the primary region, by reason (read_only, lag, route), match (precise, overlap), route (learned, configured) and outcome (replayed, loop_blocked, too_large, started, no_request, primary, not_replayed).",
+		}, []string{"reason", "match", "route", "outcome"}),
 		bookmarkWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "pgfly_bookmark_wait_seconds",
-			Help:    "Time requests with a bookmark waited for the replica, by outcome (caught_up, timeout, cancelled).",
+			Help:    "Time requests with a bookmark waited for the replica, by outcome (caught_up, timeout, unreachable, cancelled).",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"outcome"}),
+		tainted: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "pgfly_refusal_tainted_requests",
+			Help:    "HTTP requests in flight that each standby refusal could belong to and so tainted (1 for a precise match).",
+			Buckets: []float64{0, 1, 2, 4, 8, 16, 32, 64},
+		}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait)
+	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted)
 	stat := func(f func(wire.Stats) uint64) func() float64 {
 		return func() float64 { return float64(f(relay.Stats())) }
 	}
@@ -86,9 +92,9 @@ func bool01(b bool) float64 {
 }
 
 func (m *metrics) decision(d router.Decision) {
-	m.replays.WithLabelValues(d.Reason, d.Match, d.Outcome).Inc()
+	m.replays.WithLabelValues(string(d.Reason), string(d.Match), d.Route, string(d.Outcome)).Inc()
 }
 
-func (m *metrics) wait(d time.Duration, outcome string) {
-	m.bookmarkWait.WithLabelValues(outcome).Observe(d.Seconds())
+func (m *metrics) wait(d time.Duration, outcome router.WaitOutcome) {
+	m.bookmarkWait.WithLabelValues(string(outcome)).Observe(d.Seconds())
 }

@@ -41,6 +41,9 @@ type Config struct {
 	InjectTraceparent bool
 	Consistency       router.Consistency
 	ConsistencyWait   time.Duration
+	ReplayRoutes      router.RoutePatterns // sent to the primary region before the app runs them
+	LocalRoutes       router.RoutePatterns // never learned nor replayed up front
+	DisableLearning   bool                 // no learned write routes
 
 	// Admin side; AdminListen "" disables /health and /metrics.
 	AdminListen string
@@ -88,16 +91,21 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			InjectTraceparent: cfg.InjectTraceparent,
 			Consistency:       cfg.Consistency,
 			ConsistencyWait:   cfg.ConsistencyWait,
+			ReplayRoutes:      cfg.ReplayRoutes,
+			LocalRoutes:       cfg.LocalRoutes,
+			DisableLearning:   cfg.DisableLearning,
 			Replica:           monitor,
 			IsPrimary:         func() bool { return monitor.Status().Role == lag.RolePrimary },
 			Observe:           func(d router.Decision) { s.metrics.decision(d) },
-			ObserveWait:       func(d time.Duration, outcome string) { s.metrics.wait(d, outcome) },
+			ObserveWait:       func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) },
+			ObserveRefusal:    func(n int) { s.metrics.tainted.Observe(float64(n)) },
 		}
 		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
 			return nil, err
 		}
 	}
-	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics }}
+	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics },
+		upstreamPrimary: func() bool { return monitor.Status().Role == lag.RolePrimary }}
 	s.relay, err = wire.NewServer(wire.Config{
 		Listen:         cfg.Listen,
 		Upstream:       cfg.Upstream,

@@ -1,0 +1,105 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/lag"
+)
+
+// Bookmark defaults.
+const (
+	DefaultConsistencyWait = 500 * time.Millisecond
+	// BookmarkCookie holds the primary's WAL position after the client's last write.
+	BookmarkCookie = "pgfly_lsn"
+	// BookmarkMaxAge is how long a bookmark matters: replicas are far less behind than this.
+	BookmarkMaxAge = 5 * time.Minute
+)
+
+// WaitOutcome is how a bookmark wait ended.
+type WaitOutcome string
+
+// Wait outcomes.
+const (
+	WaitCaughtUp    WaitOutcome = "caught_up"   // the replica replayed the bookmark: served here
+	WaitTimeout     WaitOutcome = "timeout"     // ConsistencyWait passed: replayed
+	WaitUnreachable WaitOutcome = "unreachable" // the monitor knew it would not be reached in time: replayed at once
+	WaitCancelled   WaitOutcome = "cancelled"   // the client went away
+)
+
+// bookmark returns the WAL position a request must see, when this shim honours bookmarks and
+// the request carries a valid one. The caller has checked that this is a replica region.
+func (s *Shim) bookmark(req *request) (lag.LSN, bool) {
+	if s.cfg.Consistency != ConsistencySession || s.cfg.Replica == nil {
+		return 0, false
+	}
+	c, err := req.in.Cookie(BookmarkCookie)
+	if err != nil {
+		return 0, false
+	}
+	lsn, err := lag.ParseLSN(c.Value)
+	if err != nil {
+		s.log.Debug("malformed bookmark ignored", zap.String("path", req.path))
+		return 0, false
+	}
+	return lsn, true
+}
+
+// waitFor waits, up to ConsistencyWait, for the replica to replay lsn.
+func (s *Shim) waitFor(ctx context.Context, req *request, lsn lag.LSN) WaitOutcome {
+	start := time.Now()
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.ConsistencyWait)
+	defer cancel()
+	err := s.cfg.Replica.WaitFor(wctx, lsn)
+	waited := time.Since(start)
+	outcome := WaitCaughtUp
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		outcome = WaitCancelled
+	case errors.Is(err, lag.ErrUnreachable):
+		outcome = WaitUnreachable
+	default:
+		outcome = WaitTimeout
+	}
+	if s.cfg.ObserveWait != nil {
+		s.cfg.ObserveWait(waited, outcome)
+	}
+	s.log.Debug("bookmark wait", zap.String("path", req.path), zap.Stringer("lsn", lsn),
+		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
+	return outcome
+}
+
+// setBookmark gives the client the primary's WAL position after its write, so that its next
+// request, wherever it lands, sees that write.
+func (s *Shim) setBookmark(resp *http.Response, req *request) {
+	ctx, cancel := context.WithTimeout(resp.Request.Context(), time.Second)
+	defer cancel()
+	lsn, err := s.cfg.Replica.PrimaryLSN(ctx)
+	if err != nil {
+		s.log.Warn("no bookmark: cannot read the primary's WAL position", zap.String("path", req.path), zap.Error(err))
+		return
+	}
+	c := http.Cookie{
+		Name:     BookmarkCookie,
+		Value:    lsn.String(),
+		Path:     "/",
+		MaxAge:   int(BookmarkMaxAge / time.Second),
+		HttpOnly: true,
+		SameSite: http.SameSiteLaxMode,
+		Secure:   req.secure,
+	}
+	resp.Header.Add("Set-Cookie", c.String())
+}
+
+// wantsBookmark: in the primary region, a request replayed here or one that may have written.
+func (s *Shim) wantsBookmark(req *request) bool {
+	return s.cfg.Consistency == ConsistencySession && s.cfg.Replica != nil && s.primary() &&
+		(req.replayed || req.method != http.MethodGet && req.method != http.MethodHead)
+}
+
+var errUnreachableTODO = errors.New("TODO")

@@ -1,0 +1,71 @@
+package router
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+)
+
+// codeReadOnly is SQLSTATE read_only_sql_transaction: on a primary, the one refusal that means
+// the primary itself is read-only.
+const codeReadOnly = "25006"
+
+// keepForwarded copies the X-Forwarded-* headers the edge set, which Rewrite drops, so that
+// the app sees them as sent.
+func keepForwarded(pr *httputil.ProxyRequest) {
+	for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		if v, ok := pr.In.Header[h]; ok {
+			pr.Out.Header[h] = v
+		}
+	}
+}
+
+// replayedByPgfly reports whether a request is a replay pgfly asked for (the loop guard), or
+// one Fly could not deliver and so cannot replay again.
+func replayedByPgfly(h http.Header) bool {
+	if h.Get("Fly-Replay-Failed") != "" {
+		return true
+	}
+	for _, src := range h.Values("Fly-Replay-Src") {
+		// Fields are split by ';', and a proxy may join several values into one with ','.
+		for _, field := range strings.FieldsFunc(src, func(c rune) bool { return c == ';' || c == ',' }) {
+			k, v, _ := strings.Cut(strings.TrimSpace(field), "=")
+			if k == "state" && strings.HasPrefix(strings.Trim(v, `"`), StatePrefix) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// traceIDOf returns the trace id of a W3C traceparent header ("00-<32 hex>-<16 hex>-<2 hex>"),
+// or "" when it is not one.
+func traceIDOf(tp string) string {
+	parts := strings.Split(strings.TrimSpace(tp), "-")
+	if len(parts) < 4 || len(parts[0]) != 2 || len(parts[1]) != 32 || len(parts[2]) != 16 {
+		return ""
+	}
+	id := strings.ToLower(parts[1])
+	if _, err := hex.DecodeString(id); err != nil || id == strings.Repeat("0", 32) {
+		return ""
+	}
+	return id
+}
+
+func newTraceparent() string {
+	var b [24]byte
+	rand.Read(b[:])
+	return "00-" + hex.EncodeToString(b[:16]) + "-" + hex.EncodeToString(b[16:]) + "-01"
+}
+
+// copyBuffers lends ReverseProxy its body copy buffers, which it would otherwise allocate
+// (32 KiB) for every request. Put boxes a slice header: far cheaper than the buffer.
+type copyBuffers struct{}
+
+var copyBufferPool = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
+
+func (copyBuffers) Get() []byte  { return copyBufferPool.Get().([]byte) }
+func (copyBuffers) Put(b []byte) { copyBufferPool.Put(b) }

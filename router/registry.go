@@ -1,0 +1,205 @@
+package router
+
+import (
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// request is one request through the shim.
+type request struct {
+	in           *http.Request // as received, with this request in its context
+	method, path string
+	url          *url.URL // as the client sent it
+	key          string   // its route key, or "" when it has none
+	start        time.Time
+	traceID      string
+	replayed     bool   // it came from a pgfly replay already: never replay it again
+	upgrade      bool   // a protocol upgrade (WebSocket): never replayed
+	secure       bool   // the client's request was HTTPS
+	body         []byte // the buffered body, in ModeProxy
+	bodyTooLarge bool   // the body exceeded MaxReplayBody and is streamed
+	probe        bool   // a learned write route's request served locally to see if it still writes
+	configured   bool   // it matched --local-routes or --replay-routes: not evidence for learning
+
+	mu        sync.Mutex
+	started   bool       // the response has been decided and may be on its way
+	taint     *Violation // the violation that tainted it, if any
+	match     Match
+	named     bool // the refusal named this request: a precise match or the only candidate
+	appFailed bool // the app answered a server error or did not answer
+	appStatus int  // the app's status code, once it answered
+}
+
+type ctxKey struct{}
+
+// requestOf returns the shim's record of a request it is serving.
+func requestOf(r *http.Request) *request {
+	req, _ := r.Context().Value(ctxKey{}).(*request)
+	return req
+}
+
+func newRequest(r *http.Request) *request {
+	key, ok := routeKey(r.Method, r.URL.Path)
+	if !ok {
+		key = ""
+	}
+	return &request{
+		method:   r.Method,
+		path:     r.URL.Path,
+		url:      r.URL,
+		key:      key,
+		start:    time.Now(),
+		traceID:  traceIDOf(r.Header.Get("traceparent")),
+		replayed: replayedByPgfly(r.Header),
+		upgrade:  r.Header.Get("Upgrade") != "",
+		secure:   r.TLS != nil || r.Header.Get("Fly-Forwarded-Proto") == "https" || r.Header.Get("X-Forwarded-Proto") == "https",
+	}
+}
+
+// InFlight is the number of requests being served by the app.
+func (s *Shim) InFlight() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.inflight)
+}
+
+func (s *Shim) track(req *request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inflight[req] = struct{}{}
+}
+
+// untrack forgets a request the app has answered and tells the route table what it learned
+// from it.
+func (s *Shim) untrack(req *request) {
+	s.mu.Lock()
+	delete(s.inflight, req)
+	s.mu.Unlock()
+	if s.routes == nil || req.key == "" || req.configured || req.upgrade || req.replayed || s.primary() {
+		return
+	}
+	req.mu.Lock()
+	refused := req.taint != nil && (req.named || req.appFailed)
+	clean := req.taint == nil
+	req.mu.Unlock()
+	if !refused && !clean {
+		return // tainted among others and answered normally: no evidence either way
+	}
+	if changed, learned := s.routes.record(req.key, req.probe, refused); changed {
+		if learned {
+			s.log.Info("learned a write route: its requests now go to the primary region before the app runs them",
+				zap.String("route", req.key), zap.String("region", s.cfg.Region), zap.Int("probe_every", ProbeEvery))
+		} else {
+			s.log.Info("a learned write route stopped writing: serving it locally again",
+				zap.String("route", req.key), zap.String("region", s.cfg.Region))
+		}
+	}
+}
+
+// ReadOnly taints the requests a standby refusal may belong to. It is called by the relay
+// before the error reaches the app, so the taint is in place before the app answers.
+//
+// The candidates are the requests in flight whose response has not started, without
+// WebSockets and without those that started after the refused statement was sent. The one
+// whose trace id the statement carried is tainted alone; else every candidate is.
+func (s *Shim) ReadOnly(v Violation) {
+	log := s.log.With(zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code), zap.String("error", v.Message))
+	if s.primary() {
+		if v.Code == codeReadOnly { // other codes on a primary are ordinary errors
+			log.Error("read-only violation in the primary region: not replaying; is the primary read-only (disk full, default_transaction_read_only)?",
+				zap.String("region", s.cfg.Region))
+			s.observe(Decision{Outcome: OutcomePrimary, Reason: ReasonReadOnly})
+		}
+		return
+	}
+	s.mu.Lock()
+	candidates := make([]*request, 0, len(s.inflight))
+	var precise *request
+	matches := 0
+	for r := range s.inflight {
+		if r.upgrade || !v.SentAt.IsZero() && r.start.After(v.SentAt) {
+			continue
+		}
+		candidates = append(candidates, r)
+		if v.TraceID != "" && r.traceID == v.TraceID {
+			precise, matches = r, matches+1
+		}
+	}
+	s.mu.Unlock()
+
+	if matches == 1 {
+		if !precise.taintWith(&v, MatchPrecise, true) {
+			log.Warn("standby refusal matched a request whose response has started: cannot replay it",
+				zap.String("method", precise.method), zap.String("path", precise.path), zap.String("trace_id", v.TraceID))
+			s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchPrecise})
+		}
+		s.observeRefusal(1)
+		return
+	}
+	tainted, started := 0, 0
+	for _, r := range candidates {
+		if r.taintWith(&v, MatchOverlap, len(candidates) == 1) {
+			tainted++
+		} else {
+			started++
+		}
+	}
+	s.observeRefusal(tainted)
+	switch {
+	case tainted > 0:
+		log.Debug("standby refusal tainted requests", zap.Int("requests", tainted), zap.Int("in_flight", len(candidates)))
+	case started > 0:
+		log.Warn("standby refusal while only started responses are in flight: cannot replay them",
+			zap.Int("started", started))
+		s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchOverlap})
+	default:
+		log.Warn("standby refusal with no HTTP request in flight (a background job or console?): the error reaches its client as it is")
+		s.observe(Decision{Outcome: OutcomeNoRequest, Reason: ReasonReadOnly})
+	}
+}
+
+func (s *Shim) observeRefusal(tainted int) {
+	if s.cfg.ObserveRefusal != nil {
+		s.cfg.ObserveRefusal(tainted)
+	}
+}
+
+// taintWith marks the request for replay unless its response has started. The first
+// violation wins; named records that the refusal named this request.
+func (r *request) taintWith(v *Violation, match Match, named bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started {
+		return false
+	}
+	if r.taint == nil {
+		r.taint, r.match = v, match
+	}
+	r.named = r.named || named
+	return true
+}
+
+// begin marks the response as decided and returns the violation that tainted it, if any.
+// status is the app's status code, or 0 when the app did not answer; a server error or no
+// answer counts as the app failing. It may be called more than once.
+func (r *request) begin(status int) (*Violation, Match) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.started = true
+	if status != 0 && r.appStatus == 0 {
+		r.appStatus = status
+	}
+	r.appFailed = r.appFailed || r.appStatus == 0 || r.appStatus >= 500
+	return r.taint, r.match
+}
+
+// status is the app's status code, or 0 when it has not answered.
+func (r *request) status() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.appStatus
+}
