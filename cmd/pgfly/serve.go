@@ -38,6 +38,9 @@ type serveConfig struct {
 	injectTraceparent bool
 	consistency       string
 	consistencyWait   time.Duration
+	replayRoutes      string
+	localRoutes       string
+	learnRoutes       bool
 	adminListen       string
 	maxLag            time.Duration
 	logLevel          string
@@ -76,6 +79,12 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("consistency", "PGFLY_CONSISTENCY")
 	fs.DurationVar(&c.consistencyWait, "consistency-wait", router.DefaultConsistencyWait, "how long a read waits for the replica to reach its bookmark before it is replayed in the primary region")
 	fs.bindEnv("consistency-wait", "PGFLY_CONSISTENCY_WAIT")
+	fs.StringVar(&c.replayRoutes, "replay-routes", "", `routes sent to the primary region before the app runs them, e.g. "POST /posts/**,* /admin/**"`)
+	fs.bindEnv("replay-routes", "PGFLY_REPLAY_ROUTES")
+	fs.StringVar(&c.localRoutes, "local-routes", "", "routes never learned nor replayed up front (a refusal is still replayed); wins over --replay-routes")
+	fs.bindEnv("local-routes", "PGFLY_LOCAL_ROUTES")
+	fs.BoolVar(&c.learnRoutes, "learn-routes", true, "learn the routes the replica keeps refusing and send them to the primary region before the app runs them")
+	fs.bindEnv("learn-routes", "PGFLY_LEARN_ROUTES")
 	fs.StringVar(&c.adminListen, "admin-listen", "127.0.0.1:9187", "where /health and /metrics are served; empty disables them")
 	fs.bindEnv("admin-listen", "PGFLY_ADMIN_LISTEN")
 	fs.DurationVar(&c.maxLag, "max-lag", sidecar.DefaultMaxLag, "replica lag beyond which /health answers 503")
@@ -109,6 +118,7 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		InjectTraceparent: c.injectTraceparent,
 		Consistency:       router.Consistency(c.consistency),
 		ConsistencyWait:   c.consistencyWait,
+		DisableLearning:   !c.learnRoutes,
 		AdminListen:       c.adminListen,
 		MaxLag:            c.maxLag,
 	}
@@ -129,6 +139,13 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must not be negative", d.v, d.flag)
 		}
 	}
+	var err error
+	if sc.ReplayRoutes, err = router.ParseRoutePatterns(c.replayRoutes); err != nil {
+		return sc, fmt.Errorf("invalid value for flag --replay-routes: %w", err)
+	}
+	if sc.LocalRoutes, err = router.ParseRoutePatterns(c.localRoutes); err != nil {
+		return sc, fmt.Errorf("invalid value for flag --local-routes: %w", err)
+	}
 	switch sc.Consistency {
 	case router.ConsistencySession, router.ConsistencyEventual:
 	default:
@@ -144,7 +161,6 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	if c.httpListen == "" {
 		return sc, nil
 	}
-	var err error
 	if sc.App, err = httpURL("app", c.app); err != nil {
 		return sc, err
 	}
