@@ -40,6 +40,12 @@ type Options struct {
 	InjectTraceparent bool
 	Consistency       router.Consistency
 	ConsistencyWait   time.Duration
+	// ReplayRoutes, LocalRoutes and DisableLearning are pgfly's route settings in both regions.
+	ReplayRoutes, LocalRoutes router.RoutePatterns
+	DisableLearning           bool
+	// App builds each region's app on its database handle (through pgfly); nil runs the
+	// sample app. The handler should set sampleapp.RegionHeader so tests can tell who answered.
+	App func(db *sql.DB, region string) http.Handler
 	// Listen is the edge's address; "" picks a free loopback port.
 	Listen string
 	// Log receives every component's logs; nil discards them.
@@ -181,6 +187,9 @@ func startRegion(ctx context.Context, opts Options, name string, upstream *pgclu
 		InjectTraceparent: opts.InjectTraceparent,
 		Consistency:       opts.Consistency,
 		ConsistencyWait:   opts.ConsistencyWait,
+		ReplayRoutes:      opts.ReplayRoutes,
+		LocalRoutes:       opts.LocalRoutes,
+		DisableLearning:   opts.DisableLearning,
 		AdminListen:       "127.0.0.1:0",
 	}, log.Named("pgfly"))
 	if err != nil {
@@ -199,7 +208,13 @@ func startRegion(ctx context.Context, opts Options, name string, upstream *pgclu
 	}
 	r.DB.SetMaxOpenConns(16)
 	r.DB.SetMaxIdleConns(16)
-	r.app = &http.Server{Handler: sampleapp.New(r.DB, name, log.Named("app")), ReadHeaderTimeout: 10 * time.Second}
+	handler := http.Handler(nil)
+	if opts.App != nil {
+		handler = opts.App(r.DB, name)
+	} else {
+		handler = sampleapp.New(r.DB, name, log.Named("app"))
+	}
+	r.app = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 	r.appDone = make(chan error, 1)
 	go func() { r.appDone <- r.app.Serve(r.appLn) }()
 	if err := r.Sidecar.Ready(ctx); err != nil {
