@@ -25,12 +25,13 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/internal/flyreplay"
 )
 
 // DefaultMaxHops is the number of replays the edge follows for one request
@@ -52,8 +53,8 @@ const TrailHeader = "X-Edge-Trail"
 
 // Header names of Fly's proxy protocol.
 const (
-	replayHeader       = "Fly-Replay"
-	replaySrcHeader    = "Fly-Replay-Src"
+	replayHeader       = flyreplay.Header
+	replaySrcHeader    = flyreplay.SrcHeader
 	preferRegionHeader = "Fly-Prefer-Region"
 	forceRegionHeader  = "Fly-Force-Region"
 )
@@ -305,7 +306,8 @@ type replayTransport struct{ e *Edge }
 
 // RoundTrip sends req to the region rewrite chose and, while the response
 // asks for a replay, to the region it names. It returns the first response
-// without a fly-replay header, or a *hopError.
+// without a fly-replay header, or a *hopError (502 for a fly-replay header
+// that flyreplay.Parse rejects).
 func (t *replayTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	e := t.e
 	rt, _ := req.Context().Value(routeKey{}).(*route)
@@ -368,8 +370,13 @@ func (t *replayTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		discard(resp)
 
-		to, newState := parseReplay(replay)
+		to, err := flyreplay.Parse(replay)
 		switch {
+		case err != nil:
+			body.close()
+			return nil, &hopError{status: http.StatusBadGateway, trail: trail,
+				msg: fmt.Sprintf("edge: region %s asked to replay the request with a fly-replay header the edge cannot read (fly-replay: %s): %v",
+					region, replay, err)}
 		case !body.replayable():
 			return nil, &hopError{status: http.StatusBadGateway, trail: trail,
 				msg: fmt.Sprintf("edge: region %s asked to replay the request (fly-replay: %s), but its body is over the replay limit of %d bytes",
@@ -380,74 +387,24 @@ func (t *replayTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 				msg: fmt.Sprintf("edge: loop detected: region %s asked for another replay (fly-replay: %s) after %d replays (%s); giving up",
 					region, replay, replays, strings.Join(trail, ">"))}
 		}
-		from, region, state = region, e.pickRegion(to), newState
+		from, region, state = region, e.pickRegion(to.Region), to.State
 	}
 }
 
 // pickRegion returns the first known region of a fly-replay region list, or
 // the whole list when none is known (so that the error names it).
-func (e *Edge) pickRegion(list string) string {
-	for r := range strings.SplitSeq(list, ",") {
-		r = strings.TrimSpace(r)
+func (e *Edge) pickRegion(list []string) string {
+	for _, r := range list {
 		if _, ok := e.regions[r]; ok {
 			return r
 		}
 	}
-	return list
+	return strings.Join(list, ",")
 }
 
 // replaySrc formats the fly-replay-src header of a replayed request.
 func replaySrc(from, state string, now time.Time) string {
-	s := "instance=" + from + "-local;region=" + from + ";t=" + strconv.FormatInt(now.UnixMicro(), 10)
-	if state != "" {
-		s += ";state=" + state
-	}
-	return s
-}
-
-// parseReplay returns the region and state fields of a fly-replay header
-// value (k=v;k=v, values optionally double-quoted); other fields are
-// ignored.
-func parseReplay(h string) (region, state string) {
-	for len(h) > 0 {
-		var key, val string
-		key, h, _ = strings.Cut(h, "=")
-		key = strings.ToLower(strings.TrimSpace(strings.TrimLeft(key, "; ")))
-		h = strings.TrimLeft(h, " \t")
-		if strings.HasPrefix(h, `"`) {
-			val, h = unquote(h[1:])
-			_, h, _ = strings.Cut(h, ";")
-		} else {
-			val, h, _ = strings.Cut(h, ";")
-			val = strings.TrimSpace(val)
-		}
-		switch key {
-		case "region":
-			region = val
-		case "state":
-			state = val
-		}
-	}
-	return region, state
-}
-
-// unquote reads a quoted string whose opening quote is already consumed,
-// honouring backslash escapes, and returns it and the rest after the closing
-// quote (or nothing when there is none).
-func unquote(s string) (val, rest string) {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		switch c := s[i]; {
-		case c == '\\' && i+1 < len(s):
-			i++
-			b.WriteByte(s[i])
-		case c == '"':
-			return b.String(), s[i+1:]
-		default:
-			b.WriteByte(c)
-		}
-	}
-	return b.String(), ""
+	return flyreplay.Src{Instance: from + "-local", Region: from, Time: now, State: state}.String()
 }
 
 // discard reads a little of a response that is being replayed, so that its

@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/pgfly/pgfly/internal/edge"
+	"github.com/pgfly/pgfly/internal/flyreplay"
 )
 
 // wait bounds every blocking step of these tests; reaching it is a failure.
@@ -231,7 +232,7 @@ func TestReplayCarriesTheRequest(t *testing.T) {
 	if gotA[0].replaySrc != "" {
 		t.Errorf("region a got fly-replay-src %q, want none (the client's is removed)", gotA[0].replaySrc)
 	}
-	src := parseFields(gotB[0].replaySrc)
+	src := parseFields(t, gotB[0].replaySrc)
 	want := map[string]string{"instance": "a-local", "region": "a", "state": "captured_write"}
 	for k, v := range want {
 		if src[k] != v {
@@ -263,12 +264,25 @@ func TestReplayCarriesTheRequest(t *testing.T) {
 	}
 }
 
-// parseFields splits "k=v;k=v".
-func parseFields(s string) map[string]string {
+// parseFields reads a fly-replay-src header into a map of its non-empty
+// fields, t in microseconds.
+func parseFields(tb testing.TB, h string) map[string]string {
+	tb.Helper()
+	src, err := flyreplay.ParseSrc(h)
+	if err != nil {
+		tb.Errorf("fly-replay-src %q: %v", h, err)
+	}
 	m := map[string]string{}
-	for kv := range strings.SplitSeq(s, ";") {
-		k, v, _ := strings.Cut(kv, "=")
-		m[k] = v
+	for k, v := range map[string]string{"instance": src.Instance, "region": src.Region, "state": src.State} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	if !src.Time.IsZero() {
+		m["t"] = strconv.FormatInt(src.Time.UnixMicro(), 10)
+	}
+	for _, f := range src.Extra {
+		m[f.Key] = f.Value
 	}
 	return m
 }
@@ -289,6 +303,8 @@ func TestReplayHeaderForms(t *testing.T) {
 			wantTrail: "a>b", wantSrc: map[string]string{"region": "a", "state": "x y"}, wantState: true},
 		{name: "replay to the same region", replay: "region=a;state=again",
 			wantTrail: "a>a", wantSrc: map[string]string{"region": "a", "state": "again"}, wantState: true},
+		{name: "state with ; and quotes reaches the target whole", replay: `region=b;state="k=v; \"q\""`,
+			wantTrail: "a>b", wantSrc: map[string]string{"region": "a", "state": `k=v; "q"`}, wantState: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -310,7 +326,7 @@ func TestReplayHeaderForms(t *testing.T) {
 			if got := resp.Header.Get(edge.TrailHeader); got != tt.wantTrail {
 				t.Errorf("%s: got %q, want %q", edge.TrailHeader, got, tt.wantTrail)
 			}
-			src := parseFields(body)
+			src := parseFields(t, body)
 			for k, v := range tt.wantSrc {
 				if src[k] != v {
 					t.Errorf("fly-replay-src %q: %s: got %q, want %q", body, k, src[k], v)
@@ -395,6 +411,43 @@ func TestReplayToUnknownRegion(t *testing.T) {
 			}
 			if got := resp.Header.Values("fly-replay"); len(got) != 0 {
 				t.Errorf("client got fly-replay %q, want none", got)
+			}
+			if got := bCalls.Load(); got != 0 {
+				t.Errorf("requests to b: got %d, want 0", got)
+			}
+		})
+	}
+}
+
+func TestReplayMalformedHeader(t *testing.T) {
+	tests := []struct {
+		name    string
+		replay  string
+		wantErr string
+	}{
+		{name: "unterminated quote", replay: `region="b`, wantErr: "unterminated quoted value"},
+		{name: "field without a value", replay: "region=b;elsewhere", wantErr: "field elsewhere has no value"},
+		{name: "region twice", replay: "region=b;region=a", wantErr: "field region given twice"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var bCalls atomic.Int64
+			urlA := region(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("fly-replay", tt.replay)
+				w.WriteHeader(http.StatusConflict)
+				fmt.Fprint(w, "from a")
+			})
+			urlB := region(t, func(w http.ResponseWriter, r *http.Request) { bCalls.Add(1) })
+			base := startEdge(t, edge.Config{Regions: map[string]string{"a": urlA, "b": urlB}, Default: "a"}, nil)
+			resp, body := do(t, newRequest(t, "GET", base+"/", nil))
+			if resp.StatusCode != http.StatusBadGateway {
+				t.Errorf("status: got %d, want %d", resp.StatusCode, http.StatusBadGateway)
+			}
+			if !strings.Contains(body, "cannot read") || !strings.Contains(body, tt.wantErr) || strings.Contains(body, "from a") {
+				t.Errorf("body: got %q, want the edge's message that it cannot read the header, with %q", body, tt.wantErr)
+			}
+			if got, want := resp.Header.Get(edge.TrailHeader), "a"; got != want {
+				t.Errorf("%s: got %q, want %q", edge.TrailHeader, got, want)
 			}
 			if got := bCalls.Load(); got != 0 {
 				t.Errorf("requests to b: got %d, want 0", got)

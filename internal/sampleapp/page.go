@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/internal/flyreplay"
 )
 
 // The guestbook page is the demo's window on pgfly. Besides the entries and the form it
@@ -47,24 +49,14 @@ type replayInfo struct {
 }
 
 // parseReplaySrc reads a fly-replay-src header (instance=...;region=...;t=...;state=...);
-// it returns nil when the header is absent.
+// it returns nil when the header is absent. A header it cannot read still marks a replay,
+// from "another region".
 func parseReplaySrc(h string) *replayInfo {
 	if strings.TrimSpace(h) == "" {
 		return nil
 	}
-	var ri replayInfo
-	for field := range strings.SplitSeq(h, ";") {
-		k, v, _ := strings.Cut(strings.TrimSpace(field), "=")
-		v = strings.Trim(v, `"`)
-		switch strings.ToLower(k) {
-		case "region":
-			ri.From = v
-		case "state":
-			ri.State = v
-		case "instance":
-			ri.Instance = v
-		}
-	}
+	src, _ := flyreplay.ParseSrc(h)
+	ri := replayInfo{From: src.Region, State: src.State, Instance: src.Instance}
 	if ri.From == "" {
 		ri.From = "another region"
 	}

@@ -57,3 +57,27 @@ func TestPrefersHTML(t *testing.T) {
 		})
 	}
 }
+
+func TestParseReplaySrc(t *testing.T) {
+	tests := []struct {
+		name   string
+		header string
+		want   *replayInfo
+	}{
+		{name: "absent", header: "", want: nil},
+		{name: "blank", header: "  ", want: nil},
+		{name: "as the edge writes it", header: "instance=fra-1;region=fra;t=1700000000000000;state=pgfly_read_only",
+			want: &replayInfo{From: "fra", State: "pgfly_read_only", Instance: "fra-1"}},
+		{name: "quoted state", header: `region=fra;state="a;\"b\""`, want: &replayInfo{From: "fra", State: `a;"b"`}},
+		{name: "no region", header: "instance=x", want: &replayInfo{From: "another region", Instance: "x"}},
+		{name: "unreadable", header: `region=fra;state="x`, want: &replayInfo{From: "another region"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := parseReplaySrc(tt.header)
+			if (got == nil) != (tt.want == nil) || (got != nil && *got != *tt.want) {
+				t.Errorf("parseReplaySrc(%q): got %+v, want %+v", tt.header, got, tt.want)
+			}
+		})
+	}
+}
