@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgfly/pgfly/internal/flyreplay"
 )
 
 // Reason says why a request is sent to the primary region. It is written into fly-replay's
@@ -97,7 +99,7 @@ func (s *Shim) replay(w http.ResponseWriter, req *request, c cause) {
 	case s.cfg.Mode == ModeFly:
 		d.Outcome = OutcomeReplayed
 		log.Info("replaying in the primary region", zap.Duration("duration", time.Since(req.start)))
-		w.Header().Set("Fly-Replay", fmt.Sprintf("region=%s;state=%s_%s", s.cfg.PrimaryRegion, StatePrefix, c.reason))
+		w.Header().Set(flyreplay.Header, flyreplay.Replay{Region: []string{s.cfg.PrimaryRegion}, State: state(c.reason)}.String())
 		w.Header().Set("Cache-Control", "no-store")
 		http.Error(w, fmt.Sprintf("pgfly: retry in region %s: %s", s.cfg.PrimaryRegion, why(c.reason)), http.StatusConflict)
 	case req.bodyTooLarge && !c.upFront():
@@ -191,7 +193,7 @@ func (s *Shim) rewriteToPrimary(pr *httputil.ProxyRequest) {
 	pr.Out.Host = pr.In.Host
 	keepForwarded(pr)
 	reason, _ := pr.In.Context().Value(reasonKey{}).(Reason)
-	pr.Out.Header.Set("Fly-Replay-Src", s.replaySrc(reason))
+	pr.Out.Header.Set(flyreplay.SrcHeader, s.replaySrc(reason))
 }
 
 // primaryFailed answers a proxy-mode replay that could not reach the primary region.
@@ -211,8 +213,11 @@ func (s *Shim) replaySrc(reason Reason) string {
 	if instance == "" {
 		instance = "pgfly"
 	}
-	return fmt.Sprintf("instance=%s;region=%s;t=%d;state=%s_%s", instance, s.cfg.Region, time.Now().UnixMicro(), StatePrefix, reason)
+	return flyreplay.Src{Instance: instance, Region: s.cfg.Region, Time: time.Now(), State: state(reason)}.String()
 }
+
+// state is the fly-replay state pgfly writes for a reason: pgfly_<reason>.
+func state(reason Reason) string { return StatePrefix + "_" + string(reason) }
 
 // bufferBody keeps up to MaxReplayBody bytes of the body so the request can be sent again;
 // a larger body is streamed to wherever the request goes first, and cannot be sent twice.

@@ -1,11 +1,20 @@
 // Package router is pgfly's HTTP shim: a reverse proxy in front of the app that replays, in
-// the primary region, the requests whose writes the nearby replica refused.
+// the primary region, the requests whose writes the nearby replica refused, and sends the
+// routes that keep writing there before the app runs them.
 //
-// It keeps a registry of the requests in flight. When the Postgres relay reports a read-only
-// violation, the shim taints the requests that may have caused it (the one whose trace id the
-// failing statement carried, or else every request whose response has not started), and
-// answers each tainted request with a fly-replay header (or, in proxy mode, with the primary
-// region's answer to the same request) instead of the app's error.
+// The files follow the life of a request:
+//   - shim.go: configuration, the server, and ServeHTTP, which decides up front (a learned or
+//     configured write route, or a bookmark the replica has not replayed) or lets the app run.
+//   - registry.go: the requests in flight, the standby refusals the relay reports and the
+//     requests each taints (the one whose trace id the failing statement carried; else every
+//     candidate that began before the statement was sent and whose response has not started),
+//     and the evidence each request leaves for route learning when it ends.
+//   - routes.go: route keys (ids collapsed), the bounded table of learned routes with its
+//     learning and probing rule, and --replay-routes/--local-routes patterns.
+//   - decision.go: the one replay function, for up-front and tainted requests alike, and the
+//     typed reasons, matches and outcomes the metrics count.
+//   - bookmarks.go: the read-your-writes cookie and the wait for the replica.
+//   - headers.go: what is kept, added and removed on the way.
 //
 // The shim never replays in the primary region, never replays a request twice, and never
 // replays a response that has started or a WebSocket: those cases are logged instead.

@@ -7,6 +7,8 @@ import (
 	"net/http/httputil"
 	"strings"
 	"sync"
+
+	"github.com/pgfly/pgfly/internal/flyreplay"
 )
 
 // codeReadOnly is SQLSTATE read_only_sql_transaction: on a primary, the one refusal that means
@@ -24,16 +26,17 @@ func keepForwarded(pr *httputil.ProxyRequest) {
 }
 
 // replayedByPgfly reports whether a request is a replay pgfly asked for (the loop guard), or
-// one Fly could not deliver and so cannot replay again.
+// one Fly could not deliver and so cannot replay again. A fly-replay-src value that cannot be
+// read but names pgfly's state counts as a replay: this guard errs on the side of not
+// replaying twice.
 func replayedByPgfly(h http.Header) bool {
 	if h.Get("Fly-Replay-Failed") != "" {
 		return true
 	}
-	for _, src := range h.Values("Fly-Replay-Src") {
-		// Fields are split by ';', and a proxy may join several values into one with ','.
-		for _, field := range strings.FieldsFunc(src, func(c rune) bool { return c == ';' || c == ',' }) {
-			k, v, _ := strings.Cut(strings.TrimSpace(field), "=")
-			if k == "state" && strings.HasPrefix(strings.Trim(v, `"`), StatePrefix) {
+	for _, v := range h.Values(flyreplay.SrcHeader) {
+		for _, part := range flyreplay.SplitJoined(v) {
+			src, err := flyreplay.ParseSrc(part)
+			if err != nil && strings.Contains(part, StatePrefix) || strings.HasPrefix(src.State, StatePrefix) {
 				return true
 			}
 		}

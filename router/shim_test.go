@@ -1376,3 +1376,17 @@ func TestProxyModeDropsThePrimarysHopByHopHeaders(t *testing.T) {
 		}
 	}
 }
+
+// TestTaintedRequestWhoseAppFailsIsReplayed: an app that dies on the refusal (here it aborts
+// the connection, as a crashed handler does) gives the proxy nothing to answer with; the
+// request is replayed like any tainted one instead of getting the proxy's 502.
+func TestTaintedRequestWhoseAppFailsIsReplayed(t *testing.T) {
+	h := start(t, replicaRegion(), func(shim *router.Shim) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			shim.ReadOnly(violation(""))
+			panic(http.ErrAbortHandler)
+		})
+	})
+	wantFlyReplay(t, h.send(t, http.MethodPost, "/items", strings.NewReader("x"), nil), "pgfly_read_only")
+	wantDecisions(t, h, router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonReadOnly, Match: router.MatchOverlap})
+}
