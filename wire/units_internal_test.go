@@ -103,3 +103,21 @@ func TestStatementTraces(t *testing.T) {
 		t.Fatal("a closed statement kept its trace id")
 	}
 }
+
+// BenchmarkUnitBookkeeping is what the relay adds per extended-protocol query to match errors
+// to statements: Parse's and Bind's notes, the Sync, and the ReadyForQuery that answers it.
+func BenchmarkUnitBookkeeping(b *testing.B) {
+	var u units
+	var st statementTraces
+	var id traceID
+	copy(id[:], "0af7651916cd43dd8448eb211c80319c")
+	st.parsed([]byte("stmtcache_1"), id, true)
+	b.ReportAllocs()
+	for b.Loop() {
+		got, ok := st.lookup([]byte("stmtcache_1"))
+		u.bind(got, ok)
+		u.extended() // Execute
+		u.sync()
+		u.answered()
+	}
+}

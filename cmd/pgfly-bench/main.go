@@ -3,7 +3,8 @@
 // pgbench), memory per idle session, the HTTP shim's cost, the seed's claim (replaying the
 // whole write request in the primary region against routing its statements there, across a
 // userspace delay between two loopback "regions"), and the cost of read-your-writes
-// bookmarks.
+// bookmarks, and a mixed load of reads and writes with pgfly's learned write routes on and
+// off.
 //
 // It starts everything it needs: a PostgreSQL primary and replica (internal/pgcluster), the
 // pgfly binary (built from this module) and PgBouncer as child processes whose CPU and
@@ -78,7 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		c.pgflyEnv = append(c.pgflyEnv, v)
 		return nil
 	})
-	sections := fs.String("sections", "1,2,3,4,5", "which sections to run, comma-separated")
+	sections := fs.String("sections", "1,2,3,4,5,6", "which sections to run, comma-separated")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -91,8 +92,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	c.sections = map[int]bool{}
 	for s := range strings.SplitSeq(*sections, ",") {
 		var n int
-		if _, err := fmt.Sscanf(strings.TrimSpace(s), "%d", &n); err != nil || n < 1 || n > 5 {
-			return c, fmt.Errorf("invalid value %q for flag --sections: want numbers from 1 to 5", *sections)
+		if _, err := fmt.Sscanf(strings.TrimSpace(s), "%d", &n); err != nil || n < 1 || n > 6 {
+			return c, fmt.Errorf("invalid value %q for flag --sections: want numbers from 1 to 6", *sections)
 		}
 		c.sections[n] = true
 	}
@@ -120,6 +121,8 @@ type profile struct {
 	// Sections 4 and 5: requests per setup and kind.
 	requests         int
 	bookmarkRequests int
+	// Section 6: requests per client, for each of mixedClients clients.
+	mixedRequests int
 }
 
 func profileFor(c config) profile {
@@ -137,6 +140,7 @@ func profileFor(c config) profile {
 		sessions: 2000, settle: time.Second,
 		shimTime: time.Second, shimReps: 3,
 		requests: 100, bookmarkRequests: 50,
+		mixedRequests: 100,
 	}
 	switch {
 	case c.smoke:
@@ -148,6 +152,7 @@ func profileFor(c config) profile {
 			sessions: 20, settle: 100 * time.Millisecond,
 			shimRequests: 30, shimReps: 1,
 			requests: 3, bookmarkRequests: 3,
+			mixedRequests: 5,
 		}
 	case c.quick:
 		return profile{
@@ -161,6 +166,7 @@ func profileFor(c config) profile {
 			sessions: 200, settle: 300 * time.Millisecond,
 			shimTime: 200 * time.Millisecond, shimReps: 1,
 			requests: 6, bookmarkRequests: 6,
+			mixedRequests: 30,
 		}
 	}
 	return full
@@ -188,6 +194,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		{2, b.memoryPerSession},
 		{3, b.shimCost},
 		{4, b.seedClaim},
+		{6, b.mixedLoad},
 	} {
 		if !cfg.sections[s.n] && !(s.n == 4 && cfg.sections[5]) {
 			continue

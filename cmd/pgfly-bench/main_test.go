@@ -36,7 +36,7 @@ func TestSmoke(t *testing.T) {
 	}
 
 	t.Run("every section is there", func(t *testing.T) {
-		for _, h := range []string{"# pgfly benchmarks", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## Targets"} {
+		for _, h := range []string{"# pgfly benchmarks", "## 1. ", "## 2. ", "## 3. ", "## 4. ", "## 5. ", "## 6. ", "## Targets"} {
 			if !strings.Contains(report, "\n"+h) && !strings.HasPrefix(report, h) {
 				t.Errorf("no %q heading in the report:\n%s", h, report)
 			}
@@ -50,10 +50,10 @@ func TestSmoke(t *testing.T) {
 
 	t.Run("every target is judged", func(t *testing.T) {
 		// Section 1: four targets (16 clients, 1 client and CPU), 2: one, 3: two (two
-		// response sizes), 4: two.
-		want := map[string]int{"1": 4, "2": 1, "3": 2, "4": 2}
+		// response sizes), 4: two, 6: three (reads replayed, replica runs, write latency).
+		want := map[string]int{"1": 4, "2": 1, "3": 2, "4": 2, "6": 3}
 		got := map[string]int{}
-		row := regexp.MustCompile(`(?m)^\| ([1-5]) \| [^|]+ \| (met|missed) \| [^|]*[0-9][^|]* \|$`)
+		row := regexp.MustCompile(`(?m)^\| ([1-6]) \| [^|]+ \| (met|missed) \| [^|]*[0-9][^|]* \|$`)
 		for _, m := range row.FindAllStringSubmatch(report, -1) {
 			got[m[1]]++
 		}
@@ -62,8 +62,8 @@ func TestSmoke(t *testing.T) {
 				t.Errorf("section %s: got %d judged targets in the summary, want %d:\n%s", s, got[s], n, report)
 			}
 		}
-		if n := strings.Count(report, "- Target: "); n != 9 {
-			t.Errorf("got %d target lines under the sections, want 9", n)
+		if n := strings.Count(report, "- Target: "); n != 12 {
+			t.Errorf("got %d target lines under the sections, want 12", n)
 		}
 	})
 
@@ -94,6 +94,10 @@ func TestSmoke(t *testing.T) {
 			`(?m)^\| none( \| [0-9.]+){6} \| 3 of 3 \|$`,                    // section 5
 			`(?m)^\| 5ms on every cross-region connection( \| [0-9.]+){6} \| 3 of 3 \|$`,
 			`(?m)^\| 5ms on the WAL stream only( \| [0-9.]+){6} \| 3 of 3 \|$`,
+			// Section 6: 8 clients × 5 requests, one in ten a write; with learning off the
+			// replica region's app runs every write first.
+			`(?m)^\| on \| 36 \| [0-9]+ \([0-9.]+%\)( \| [0-9.]+){4} \| [0-9]+ of 4 \|$`,
+			`(?m)^\| off \| 36 \| [0-9]+ \([0-9.]+%\)( \| [0-9.]+){4} \| 4 of 4 \|$`,
 		} {
 			if !regexp.MustCompile(re).MatchString(report) {
 				t.Errorf("no line matching %s in the report:\n%s", re, report)

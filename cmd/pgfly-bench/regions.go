@@ -44,6 +44,9 @@ const (
 // (pgfly's replays, and every request of the third setup), the replica-region app's
 // connection to the primary (DB-level routing), the replica-region pgfly's connection to
 // the primary (its lag monitor), and the WAL stream from the primary to the replica.
+//
+// Section 6 builds the first setup alone (startPgfly on an empty twoRegions), without the
+// relay on the WAL stream.
 type twoRegions struct {
 	relays  []*delay.Relay
 	closers []func() error // run in reverse order by close
@@ -189,62 +192,12 @@ func (b *bench) startTwoRegions(ctx context.Context, d time.Duration) (_ *twoReg
 		return b.streamDirect(rctx)
 	})
 
-	// pgfly, primary region: the app beside the primary, behind pgfly.
-	appPLn, appPURL, err := listenLocal()
+	// pgfly in each region.
+	pgfly, err := t.startPgfly(ctx, c, d, pgflyOptions{})
 	if err != nil {
 		return nil, err
 	}
-	appP, _ := url.Parse(appPURL)
-	pgflyP, err := t.startSidecar(ctx, sidecar.Config{
-		Listen: "127.0.0.1:0", Upstream: c.Primary.URL(su, "", pgcluster.Database),
-		HTTPListen: "127.0.0.1:0", App: appP, Region: primaryRegion, PrimaryRegion: primaryRegion,
-		Instance: primaryRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
-	})
-	if err != nil {
-		return nil, err
-	}
-	dbP, err := t.openDB(dsn(pgflyP.PostgresAddr().String()))
-	if err != nil {
-		return nil, err
-	}
-	t.serveApp(appPLn, sampleapp.New(dbP, primaryRegion, nil))
-
-	// pgfly, replica region: the app beside the replica, behind pgfly, whose lag monitor
-	// reaches the primary across the delay.
-	toPrimaryMon, err := t.relay(c.Primary.Addr(), d)
-	if err != nil {
-		return nil, err
-	}
-	appRLn, appRURL, err := listenLocal()
-	if err != nil {
-		return nil, err
-	}
-	appR, _ := url.Parse(appRURL)
-	pgflyR, err := t.startSidecar(ctx, sidecar.Config{
-		Listen: "127.0.0.1:0", Upstream: c.Replica.URL(su, "", pgcluster.Database),
-		Primary:    dsn(toPrimaryMon.Addr().String()),
-		HTTPListen: "127.0.0.1:0", App: appR, Region: replicaRegion, PrimaryRegion: primaryRegion,
-		Instance: replicaRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
-	})
-	if err != nil {
-		return nil, err
-	}
-	t.replicaAdmin = "http://" + pgflyR.AdminAddr().String()
-	dbR, err := t.openDB(dsn(pgflyR.PostgresAddr().String()))
-	if err != nil {
-		return nil, err
-	}
-	t.serveApp(appRLn, sampleapp.New(dbR, replicaRegion, nil))
-	toShimP, err := t.relay(pgflyP.HTTPAddr().String(), d)
-	if err != nil {
-		return nil, err
-	}
-	if t.pgflyEdge, err = t.startEdge(map[string]string{
-		primaryRegion: "http://" + toShimP.Addr().String(),
-		replicaRegion: "http://" + pgflyR.HTTPAddr().String(),
-	}, replicaRegion); err != nil {
-		return nil, err
-	}
+	t.pgflyEdge, t.replicaAdmin = pgfly.edge, pgfly.replicaAdmin
 
 	// DB-level routing: the app beside the replica reads it directly and sends writes, and
 	// the reads after them, to the primary across the delay.
@@ -283,6 +236,94 @@ func (b *bench) startTwoRegions(ctx context.Context, d time.Duration) (_ *twoReg
 		return nil, err
 	}
 	return t, nil
+}
+
+// pgflyOptions vary the pgfly setup between sections.
+type pgflyOptions struct {
+	disableLearning bool // the replica-region pgfly learns no write routes
+	// wrapApp, when set, wraps the sample app's handler in each region.
+	wrapApp func(region string, h http.Handler) http.Handler
+}
+
+// pgflySetup is the sample app behind pgfly in each region and an edge beside the users in the
+// replica region.
+type pgflySetup struct {
+	edge         string // base URL where the users send requests
+	replicaAdmin string // the replica-region pgfly's admin endpoints (/metrics, /routes)
+}
+
+// startPgfly starts the pgfly setup on c: in the primary region the app beside the primary,
+// behind pgfly; in the replica region the app beside the replica, behind pgfly, whose lag
+// monitor reaches the primary across a delay relay; and an edge that reaches the primary
+// region's shim across another. What it starts is closed with t.
+func (t *twoRegions) startPgfly(ctx context.Context, c *pgcluster.Cluster, d time.Duration, opts pgflyOptions) (pgflySetup, error) {
+	su := pgcluster.RoleSuperuser.Name
+	wrap := func(region string, h http.Handler) http.Handler {
+		if opts.wrapApp == nil {
+			return h
+		}
+		return opts.wrapApp(region, h)
+	}
+
+	// Primary region.
+	appPLn, appPURL, err := listenLocal()
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	appP, _ := url.Parse(appPURL)
+	pgflyP, err := t.startSidecar(ctx, sidecar.Config{
+		Listen: "127.0.0.1:0", Upstream: c.Primary.URL(su, "", pgcluster.Database),
+		HTTPListen: "127.0.0.1:0", App: appP, Region: primaryRegion, PrimaryRegion: primaryRegion,
+		Instance: primaryRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
+	})
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	dbP, err := t.openDB(dsn(pgflyP.PostgresAddr().String()))
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	t.serveApp(appPLn, wrap(primaryRegion, sampleapp.New(dbP, primaryRegion, nil)))
+
+	// Replica region.
+	toPrimaryMon, err := t.relay(c.Primary.Addr(), d)
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	appRLn, appRURL, err := listenLocal()
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	appR, _ := url.Parse(appRURL)
+	pgflyR, err := t.startSidecar(ctx, sidecar.Config{
+		Listen: "127.0.0.1:0", Upstream: c.Replica.URL(su, "", pgcluster.Database),
+		Primary:    dsn(toPrimaryMon.Addr().String()),
+		HTTPListen: "127.0.0.1:0", App: appR, Region: replicaRegion, PrimaryRegion: primaryRegion,
+		Instance: replicaRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
+		DisableLearning: opts.disableLearning,
+	})
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	dbR, err := t.openDB(dsn(pgflyR.PostgresAddr().String()))
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	t.serveApp(appRLn, wrap(replicaRegion, sampleapp.New(dbR, replicaRegion, nil)))
+
+	// The edge, beside the users in the replica region.
+	toShimP, err := t.relay(pgflyP.HTTPAddr().String(), d)
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	edgeURL, err := t.startEdge(map[string]string{
+		primaryRegion: "http://" + toShimP.Addr().String(),
+		replicaRegion: "http://" + pgflyR.HTTPAddr().String(),
+	}, replicaRegion)
+	if err != nil {
+		return pgflySetup{}, err
+	}
+	return pgflySetup{edge: edgeURL, replicaAdmin: "http://" + pgflyR.AdminAddr().String()}, nil
 }
 
 var portRE = regexp.MustCompile(`\bport=\d+`)
