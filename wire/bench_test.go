@@ -114,12 +114,35 @@ func benchRoundTrips(b *testing.B, c *benchClient, bt benchBatch) {
 // of messages relayed.
 func TestRelayAllocsPerMessage(t *testing.T) {
 	const rounds = 200
-	for _, bt := range []benchBatch{benchSmall, benchWide} {
-		t.Run(bt.name, func(t *testing.T) {
+	// The extended protocol as a statement cache replays it: Parse of a named statement with
+	// a trace comment (a re-Parse after the first round), Bind to it, Execute, Sync.
+	var extended []byte
+	for _, m := range []pgproto3.FrontendMessage{
+		&pgproto3.Parse{Name: "stmtcache_1", Query: "select v from bench /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/"},
+		&pgproto3.Bind{PreparedStatement: "stmtcache_1"}, &pgproto3.Execute{}, &pgproto3.Sync{},
+	} {
+		var err error
+		if extended, err = m.Encode(extended); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		bt       benchBatch
+		extended bool
+	}{{benchSmall, false}, {benchWide, false}, {benchSmall, true}} {
+		bt := tc.bt
+		name := bt.name
+		if tc.extended {
+			name += "/extended"
+		}
+		t.Run(name, func(t *testing.T) {
 			up := startBenchUpstream(t, bt.bytes)
 			r := startRelay(t, up.URL(), wire.Config{})
 			direct := dialBenchClient(t, up.Addr())
 			relayed := dialBenchClient(t, r.Addr().String())
+			if tc.extended {
+				direct.query, relayed.query = extended, extended
+			}
 
 			d := benchMallocs(t, direct, bt, rounds)
 			p := benchMallocs(t, relayed, bt, rounds)
@@ -129,6 +152,9 @@ func TestRelayAllocsPerMessage(t *testing.T) {
 				rounds, bt.messages, d, p, perMessage, float64(extra)/rounds)
 			if perMessage >= 0.01 {
 				t.Errorf("allocations per relayed message: got %.4f, want < 0.01", perMessage)
+			}
+			if perTrip := float64(extra) / rounds; perTrip >= 0.1 { // the client's messages too
+				t.Errorf("allocations per round trip: got %.2f, want < 0.1", perTrip)
 			}
 		})
 	}
@@ -300,7 +326,7 @@ func (f *benchUpstream) handle(c net.Conn) {
 			return
 		}
 		switch typ {
-		case 'Q':
+		case 'Q', 'S': // a Sync ends an extended-protocol query: the same answer
 			if _, err := c.Write(f.batch); err != nil {
 				return
 			}

@@ -699,3 +699,57 @@ func readUntilReady(tb testing.TB, c net.Conn) {
 	}
 	tb.Fatal("no ReadyForQuery within 20 messages")
 }
+
+// TestExtendedCopyKeepsUnitsInStep: during a COPY FROM STDIN started by the extended protocol
+// the server ignores the Sync after Execute, and answers only the one after CopyDone. The relay
+// must not stay one ReadyForQuery behind afterwards: a later refusal names its own statement,
+// not the one before it. Run on the primary, where COPY FROM is allowed; the refusal is a
+// read-only transaction's.
+func TestExtendedCopyKeepsUnitsInStep(t *testing.T) {
+	const a, b = "0af7651916cd43dd8448eb211c80319c", "4bf92f3577b34da6a3ce929d0e0e4736"
+	r := primaryRelay(t)
+	c := dialRaw(t, r.Addr().String())
+	c.login(t, pgcluster.RoleSuperuser)
+	c.query(t, "create temporary table copy_units (x int)")
+
+	c.send(t, &pgproto3.Parse{Query: "copy copy_units from stdin"}, &pgproto3.Bind{},
+		&pgproto3.Execute{}, &pgproto3.Sync{})
+	for {
+		m := c.receive(t)
+		if _, ok := m.(*pgproto3.CopyInResponse); ok {
+			break
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			t.Fatalf("copy: %s %s", e.Code, e.Message)
+		}
+	}
+	c.send(t, &pgproto3.CopyData{Data: []byte("1\n2\n")}, &pgproto3.CopyDone{}, &pgproto3.Sync{})
+	c.readUntilReady(t)
+	if got := c.query(t, "select count(*) from copy_units"); got != "2" {
+		t.Fatalf("copied %s rows, want 2", got)
+	}
+
+	c.query(t, "select 1 /*traceparent='00-"+a+"-b7ad6b7169203331-01'*/")
+	time.Sleep(50 * time.Millisecond)
+	sent := time.Now()
+	c.send(t, &pgproto3.Query{String: "begin read only; create table copy_units_never (x int) /*traceparent='00-" + b + "-b7ad6b7169203331-01'*/"})
+	for {
+		m := c.receive(t)
+		if e, ok := m.(*pgproto3.ErrorResponse); ok && e.Code != "25006" {
+			t.Fatalf("got %s %s, want 25006", e.Code, e.Message)
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	got := r.events.Violations()
+	if len(got) != 1 {
+		t.Fatalf("events: %+v, want one refusal", got)
+	}
+	if got[0].TraceID != b {
+		t.Errorf("TraceID %q, want %q (the refused statement's, not the one before it)", got[0].TraceID, b)
+	}
+	if got[0].SentAt.Before(sent) {
+		t.Errorf("SentAt %v is before the refused statement was sent (%v)", got[0].SentAt, sent)
+	}
+}

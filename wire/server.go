@@ -105,7 +105,7 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		keys:     make(map[string]*session),
 		closed:   make(chan struct{}),
 	}
-	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X'} {
+	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f'} {
 		s.watchIn[t] = true
 	}
 	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H'} {

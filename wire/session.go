@@ -46,6 +46,11 @@ type session struct {
 
 	units units           // sent and not yet answered; shared, with its own mutex
 	stmts statementTraces // owned by the client-to-server goroutine
+	// syncsInCopy counts the Syncs sent since the last Execute or Query; owned by the
+	// client-to-server goroutine. During an extended-protocol COPY FROM STDIN the server
+	// ignores them, so at CopyDone or CopyFail they are owed no ReadyForQuery.
+	syncsInCopy int
+	copyInSeen  atomic.Bool // the server sent CopyInResponse
 
 	stopOnce  sync.Once
 	stopCause error
@@ -305,6 +310,7 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 	switch typ {
 	case 'Q':
 		ss.pending.Add(1)
+		ss.syncsInCopy = 0
 		ss.units.query(findTraceID(statementText(msg, whole)))
 	case 'F':
 		ss.pending.Add(1)
@@ -318,6 +324,8 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 			}
 			id, found := findTraceID(sql)
 			ss.stmts.parsed(name, id, found)
+		} else {
+			ss.stmts.forget() // which statement it replaces is unknown
 		}
 	case 'B':
 		var id traceID
@@ -338,10 +346,18 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 	case 'E':
 		ss.units.extended()
 		ss.unsynced.Store(true)
+		ss.syncsInCopy = 0
 	case 'S':
 		ss.pending.Add(1)
 		ss.unsynced.Store(false)
 		ss.units.sync()
+		ss.syncsInCopy++
+	case 'c', 'f':
+		if ss.copyInSeen.Swap(false) && ss.syncsInCopy > 0 {
+			ss.units.ignored(ss.syncsInCopy)
+			ss.pending.Add(-int32(ss.syncsInCopy))
+		}
+		ss.syncsInCopy = 0
 	case 'X':
 		ss.terminated.Store(true)
 	}
@@ -378,6 +394,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		ss.noteCommand(body)
 	case 'G':
 		ss.copyIn = true
+		ss.copyInSeen.Store(true)
 	case 'H':
 		ss.copyIn = false
 	case 'E':

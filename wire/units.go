@@ -14,15 +14,16 @@ type traceID [32]byte
 // answers the oldest unit not yet answered, so the relay can tell when the failing statement
 // was sent and which trace it belongs to.
 type unit struct {
-	sent     time.Time // when its first message was forwarded
+	sent     time.Time // when its last message was forwarded (its Query or Sync)
 	trace    traceID
 	hasTrace bool
 	merged   int // further units folded into this one when the queue was full
 }
 
 // maxUnits bounds the units a session remembers. A client that pipelines more than this
-// (rare: pgx batches are one unit) has the newest folded into the last one, which keeps the
-// earliest send time and no trace id: a less precise answer, never a wrong one.
+// (rare: pgx batches are one unit) has the newest folded into the last one, which takes the
+// latest send time and no trace id: a less precise answer, never a wrong one (a send time later
+// than the failing statement's only keeps more requests as candidates).
 const maxUnits = 16
 
 // units is the queue of a session's unanswered units. The client-to-server goroutine adds to
@@ -38,11 +39,13 @@ type units struct {
 	bound  bool // a Bind has set open's trace
 }
 
-// extended notes an extended-protocol message: it opens a unit if none is open.
+// extended notes an extended-protocol message: it opens a unit if none is open. The unit's
+// time is taken at its Sync (or, for an error before the Sync, when the error arrives), so that
+// it is never earlier than its failing message.
 func (u *units) extended() {
 	u.mu.Lock()
 	if !u.opened {
-		u.open, u.opened = unit{sent: time.Now()}, true
+		u.open, u.opened = unit{}, true
 	}
 	u.mu.Unlock()
 }
@@ -52,7 +55,7 @@ func (u *units) extended() {
 func (u *units) bind(id traceID, ok bool) {
 	u.mu.Lock()
 	if !u.opened {
-		u.open, u.opened = unit{sent: time.Now()}, true
+		u.open, u.opened = unit{}, true
 	}
 	if !u.bound {
 		u.open.trace, u.open.hasTrace, u.bound = id, ok, true
@@ -64,10 +67,12 @@ func (u *units) bind(id traceID, ok bool) {
 
 // sync ends the open unit (a Sync alone is a unit too) and queues it.
 func (u *units) sync() {
+	now := time.Now()
 	u.mu.Lock()
 	if !u.opened {
-		u.open = unit{sent: time.Now()}
+		u.open = unit{}
 	}
+	u.open.sent = now
 	u.push(u.open)
 	u.opened, u.bound = false, false
 	u.mu.Unlock()
@@ -86,6 +91,7 @@ func (u *units) push(x unit) {
 		last := &u.q[(u.head+u.n-1)%maxUnits]
 		last.merged += 1 + x.merged
 		last.hasTrace = false
+		last.sent = x.sent
 		return
 	}
 	u.q[(u.head+u.n)%maxUnits] = x
@@ -107,8 +113,23 @@ func (u *units) answered() {
 	u.mu.Unlock()
 }
 
+// ignored drops the newest n units: Syncs the server ignored because they came during an
+// extended-protocol COPY FROM STDIN, which no ReadyForQuery will answer.
+func (u *units) ignored(n int) {
+	u.mu.Lock()
+	for ; n > 0 && u.n > 0; n-- {
+		last := &u.q[(u.head+u.n-1)%maxUnits]
+		if last.merged > 0 {
+			last.merged--
+		} else {
+			u.n--
+		}
+	}
+	u.mu.Unlock()
+}
+
 // current is the unit an error the server sends now answers: the oldest queued one, or the
-// open one (an error can come before the Sync, after a Flush).
+// open one (an error can come before the Sync, after a Flush), sent no later than now.
 func (u *units) current() unit {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -116,7 +137,9 @@ func (u *units) current() unit {
 	case u.n > 0:
 		return u.q[u.head]
 	case u.opened:
-		return u.open
+		open := u.open
+		open.sent = time.Now()
+		return open
 	}
 	return unit{}
 }
@@ -154,7 +177,7 @@ const maxStatementTraces = 1024
 // statementTraces maps prepared statement names to the trace ids their Parse carried. The
 // trace comment is parsed once, at Parse; a Bind takes the id of the statement it names.
 // Owned by the client-to-server goroutine.
-type statementTraces map[string]traceID
+type statementTraces map[string]*traceID
 
 // parsed records the trace id of statement name, or forgets it when the statement has none,
 // so that a statement never inherits a stale id.
@@ -163,18 +186,29 @@ func (st *statementTraces) parsed(name []byte, id traceID, ok bool) {
 		delete(*st, string(name)) // the compiler does not allocate for this conversion
 		return
 	}
+	if p := (*st)[string(name)]; p != nil { // a re-Parse: no allocation
+		*p = id
+		return
+	}
 	if *st == nil {
 		*st = make(statementTraces)
 	}
-	if _, known := (*st)[string(name)]; !known && len(*st) >= maxStatementTraces {
+	if len(*st) >= maxStatementTraces {
 		return
 	}
-	(*st)[string(name)] = id
+	p := new(traceID)
+	*p = id
+	(*st)[string(name)] = p
 }
 
+// forget drops every statement's trace id: for a Parse whose name could not be read.
+func (st *statementTraces) forget() { *st = nil }
+
 func (st statementTraces) lookup(name []byte) (traceID, bool) {
-	id, ok := st[string(name)]
-	return id, ok
+	if p := st[string(name)]; p != nil {
+		return *p, true
+	}
+	return traceID{}, false
 }
 
 func (st statementTraces) closed(name []byte) { delete(st, string(name)) }

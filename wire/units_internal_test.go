@@ -78,6 +78,32 @@ func TestUnits(t *testing.T) {
 	if u.n != 0 {
 		t.Fatalf("%d units left after every answer", u.n)
 	}
+
+	// A folded unit takes the latest send time: never earlier than any statement in it.
+	for range maxUnits {
+		u.query(traceID{}, false)
+	}
+	before := u.q[(u.head+u.n-1)%maxUnits].sent
+	time.Sleep(time.Millisecond)
+	u.query(traceID{}, false)
+	if last := u.q[(u.head+u.n-1)%maxUnits]; !last.sent.After(before) || last.merged != 1 {
+		t.Fatalf("folded unit: %+v, want merged 1 and sent after %v", last, before)
+	}
+	// Syncs the server ignored during a COPY are dropped from the newest end.
+	u.ignored(2)
+	if u.n != maxUnits-1 {
+		t.Fatalf("after dropping 2 ignored Syncs: %d units, want %d", u.n, maxUnits-1)
+	}
+	for u.n > 0 {
+		u.answered()
+	}
+
+	// An error before the Sync answers the open unit, sent no later than the error.
+	u.extended()
+	u.bind(id('e'), true)
+	if got := u.current(); got.sent.IsZero() || got.trace != id('e') {
+		t.Fatalf("open unit: %+v, want trace e and a send time", got)
+	}
 }
 
 func TestStatementTraces(t *testing.T) {
@@ -98,9 +124,17 @@ func TestStatementTraces(t *testing.T) {
 	if len(st) > maxStatementTraces {
 		t.Fatalf("%d statements kept, bound %d", len(st), maxStatementTraces)
 	}
+	st.parsed([]byte{0, 0, 'x'}, a, true) // a re-Parse of a known name
+	if allocs := testing.AllocsPerRun(100, func() { st.parsed([]byte{0, 0, 'x'}, a, true) }); allocs != 0 {
+		t.Errorf("a re-Parse allocates %v times, want 0", allocs)
+	}
 	st.closed([]byte{0, 0, 'x'})
 	if _, ok := st.lookup([]byte{0, 0, 'x'}); ok {
 		t.Fatal("a closed statement kept its trace id")
+	}
+	st.forget()
+	if _, ok := st.lookup([]byte{1, 0, 'x'}); ok || len(st) != 0 {
+		t.Fatal("forget kept trace ids")
 	}
 }
 
