@@ -101,5 +101,3 @@ func (s *Shim) wantsBookmark(req *request) bool {
 	return s.cfg.Consistency == ConsistencySession && s.cfg.Replica != nil && s.primary() &&
 		(req.replayed || req.method != http.MethodGet && req.method != http.MethodHead)
 }
-
-var errUnreachableTODO = errors.New("TODO")

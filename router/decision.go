@@ -174,6 +174,9 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 func (s *Shim) appFailed(w http.ResponseWriter, r *http.Request, err error) {
 	req := requestOf(r)
 	if req != nil {
+		if errors.Is(err, context.Canceled) {
+			req.clientGone()
+		}
 		if v, match := req.begin(0); v != nil {
 			s.replay(w, req, cause{reason: ReasonReadOnly, match: match, v: v})
 			return

@@ -36,7 +36,7 @@ func replayedByPgfly(h http.Header) bool {
 	for _, v := range h.Values(flyreplay.SrcHeader) {
 		for _, part := range flyreplay.SplitJoined(v) {
 			src, err := flyreplay.ParseSrc(part)
-			if err != nil && strings.Contains(part, StatePrefix) || strings.HasPrefix(src.State, StatePrefix) {
+			if (err != nil && strings.Contains(part, StatePrefix)) || strings.HasPrefix(src.State, StatePrefix) {
 				return true
 			}
 		}

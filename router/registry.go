@@ -32,6 +32,7 @@ type request struct {
 	named     bool // the refusal named this request: a precise match or the only candidate
 	appFailed bool // the app answered a server error or did not answer
 	appStatus int  // the app's status code, once it answered
+	gone      bool // the client went away before the app answered
 }
 
 type ctxKey struct{}
@@ -83,7 +84,7 @@ func (s *Shim) untrack(req *request) {
 		return
 	}
 	req.mu.Lock()
-	refused := req.taint != nil && (req.named || req.appFailed)
+	refused := req.taint != nil && (req.named || req.appFailed && !req.gone)
 	clean := req.taint == nil
 	req.mu.Unlock()
 	if !refused && !clean {
@@ -195,6 +196,14 @@ func (r *request) begin(status int) (*Violation, Match) {
 	}
 	r.appFailed = r.appFailed || r.appStatus == 0 || r.appStatus >= 500
 	return r.taint, r.match
+}
+
+// clientGone records that the client went away before the app answered: not the app failing,
+// so no evidence about its route.
+func (r *request) clientGone() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.gone = true
 }
 
 // status is the app's status code, or 0 when it has not answered.

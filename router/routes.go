@@ -30,6 +30,9 @@ func routeKey(method, path string) (key string, ok bool) {
 	if len(method)+1+len(path) > maxKeyLen {
 		return "", false
 	}
+	if strings.ContainsAny(path, ", \t\n\r") {
+		return "", false // not expressible as a --replay-routes pattern
+	}
 	var b strings.Builder
 	b.Grow(len(method) + 1 + len(path))
 	b.WriteString(method)
@@ -40,6 +43,9 @@ func routeKey(method, path string) (key string, ok bool) {
 			b.WriteByte('/')
 		}
 		first = false
+		if seg == "*" || seg == "**" {
+			return "", false // would read as a wildcard in a pattern
+		}
 		if looksLikeID(seg) {
 			b.WriteByte('*')
 		} else {
@@ -240,13 +246,26 @@ func (t *routes) get(key string, create bool) *route {
 		return nil
 	}
 	if t.lru.Len() >= t.max {
-		oldest := t.lru.Back()
-		delete(t.byKey, oldest.Value.(*route).key)
-		t.lru.Remove(oldest)
+		t.evict()
 	}
 	r := &route{key: key}
 	t.byKey[key] = t.lru.PushFront(r)
 	return r
+}
+
+// evict forgets the least recently used key that is not a learned route, so that ordinary
+// traffic to many paths does not push learned routes out; when every key is learned, the
+// least recently used one goes.
+func (t *routes) evict() {
+	victim := t.lru.Back()
+	for e := victim; e != nil; e = e.Prev() {
+		if !e.Value.(*route).learned {
+			victim = e
+			break
+		}
+	}
+	delete(t.byKey, victim.Value.(*route).key)
+	t.lru.Remove(victim)
 }
 
 // admit decides, for a request to key in a replica region, whether it goes to the primary

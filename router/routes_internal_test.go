@@ -32,6 +32,13 @@ func TestRouteKey(t *testing.T) {
 	if _, ok := routeKey("GET", "/"+string(make([]byte, maxKeyLen))); ok {
 		t.Errorf("got a key for a path over %d bytes, want none", maxKeyLen)
 	}
+	// GET /routes offers learned keys as a --replay-routes value: a path that would not read
+	// back as the same pattern gets no key (and is never learned).
+	for _, path := range []string{"/tags/a,b/follow", "/files/**/x", "/files/*", "/a b/c"} {
+		if key, ok := routeKey("POST", path); ok {
+			t.Errorf("routeKey(POST, %q) = %q, want none", path, key)
+		}
+	}
 }
 
 func TestRoutePatterns(t *testing.T) {
@@ -146,8 +153,19 @@ func TestLearningRule(t *testing.T) {
 		if tracked != 16 {
 			t.Errorf("tracking %d keys, want the bound of 16", tracked)
 		}
-		if len(learned) != 0 {
-			t.Errorf("got learned %v after a flood evicted it, want none", learned)
+		if len(learned) != 1 || learned[0].Route != key {
+			t.Errorf("got learned %v after a flood of other paths, want %s kept", learned, key)
+		}
+		// When every key is learned, the least recently used learned one goes: still bounded.
+		for i := range 40 {
+			k := fmt.Sprintf("POST /learned/x%d", i)
+			for range LearnRefusals {
+				rt.admit(k)
+				rt.record(k, false, true)
+			}
+		}
+		if learned, tracked := rt.learned(); tracked != 16 || len(learned) != 16 {
+			t.Errorf("after learning 40 more routes: %d keys tracked, %d learned, want the bound of 16", tracked, len(learned))
 		}
 	})
 }
