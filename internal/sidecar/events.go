@@ -13,8 +13,8 @@ type events struct {
 	log     *zap.Logger
 	shim    *router.Shim    // nil when the shim is off
 	metrics func() *metrics // set once the relay exists; events arrive only after that
-	// upstreamPrimary reports whether the monitor last saw the upstream out of recovery.
-	upstreamPrimary func() bool
+	// upstreamStandby reports whether the monitor last saw the upstream in recovery.
+	upstreamStandby func() bool
 }
 
 func (e *events) SessionOpened(wire.SessionInfo) {}
@@ -23,12 +23,13 @@ func (e *events) SessionClosed(wire.SessionEnd) {}
 
 // ReadOnly: 25006 is a refusal wherever it comes from (a primary's read-only transaction is
 // surfaced as before: the primary region replays nothing). 0A000 and 55000 have causes other
-// than recovery, so from an upstream known to be a primary they are the app's own errors and
-// pass by unremarked; from a standby, or one whose role is not known yet, they are refusals
-// (one that was not about recovery fails the same way in the primary region, which wastes a
-// replay and loses nothing).
+// than recovery, so they count only while the monitor last saw the upstream in recovery: from a
+// primary, or an upstream whose role is not known (before the first poll, or while polls
+// fail), they are the app's own errors, since replaying a request whose earlier statements may
+// have committed on a primary would run them twice. From a standby, one that is not about
+// recovery (currval before nextval) fails the same way in the primary region: a wasted replay.
 func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
-	if v.Code != "25006" && e.upstreamPrimary() {
+	if v.Code != "25006" && !e.upstreamStandby() {
 		return
 	}
 	e.metrics().violations.Inc()

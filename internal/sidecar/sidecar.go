@@ -105,7 +105,7 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		}
 	}
 	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics },
-		upstreamPrimary: func() bool { return monitor.Status().Role == lag.RolePrimary }}
+		upstreamStandby: func() bool { return monitor.Status().Role == lag.RoleReplica }}
 	s.relay, err = wire.NewServer(wire.Config{
 		Listen:         cfg.Listen,
 		Upstream:       cfg.Upstream,
