@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/zap"
 )
 
 // closeTimeout bounds the goodbye (a Terminate message) when a connection is
@@ -20,7 +21,7 @@ const closeTimeout = time.Second
 // not an ordinary server error. pgxpool would do, but it needs a module this
 // repository does not require.
 type conns struct {
-	cfg   *pgx.ConnConfig
+	dial  *dialer
 	slots chan struct{} // one token per connection in use
 
 	mu     sync.Mutex
@@ -28,9 +29,9 @@ type conns struct {
 	closed bool
 }
 
-// newConns returns an empty pool of at most max connections to cfg's server.
-func newConns(cfg *pgx.ConnConfig, max int) *conns {
-	return &conns{cfg: cfg, slots: make(chan struct{}, max)}
+// newConns returns an empty pool of at most max connections dialled by d.
+func newConns(d *dialer, max int) *conns {
+	return &conns{dial: d, slots: make(chan struct{}, max)}
 }
 
 // queryRow runs a single-row query on a pooled connection and scans it into
@@ -75,7 +76,7 @@ func (p *conns) acquire(ctx context.Context) (conn *pgx.Conn, reused bool, err e
 		return conn, true, nil
 	}
 	p.mu.Unlock()
-	conn, err = pgx.ConnectConfig(ctx, p.cfg)
+	conn, err = p.dial.connect(ctx)
 	if err != nil {
 		<-p.slots
 		return nil, false, err
@@ -141,4 +142,76 @@ func closeConn(conn *pgx.Conn) error {
 func isServerError(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Severity != "FATAL" && pgErr.Severity != "PANIC"
+}
+
+// dialer connects to one server for the pools that use it, and remembers the
+// run-time parameters the server refused so that later connections go
+// without them.
+type dialer struct {
+	log *zap.Logger
+
+	mu  sync.Mutex
+	cfg *pgx.ConnConfig // replaced, never modified, once a parameter is refused
+}
+
+// newDialer returns a dialer for cfg, which it owns from now on. log names
+// the server in its fields.
+func newDialer(cfg *pgx.ConnConfig, log *zap.Logger) *dialer {
+	return &dialer{cfg: cfg, log: log}
+}
+
+// config returns the configuration connections are made with now.
+func (d *dialer) config() *pgx.ConnConfig {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cfg
+}
+
+// connect opens a connection. When the server refuses a run-time parameter
+// (see refusedParams) it connects once more without the parameters named,
+// and again for each further one the server refuses, so each attempt drops
+// at least one parameter and there are never more attempts than parameters.
+// What was dropped is logged and kept out of later connections.
+func (d *dialer) connect(ctx context.Context) (*pgx.Conn, error) {
+	cfg := d.config()
+	for {
+		conn, err := pgx.ConnectConfig(ctx, cfg)
+		if err == nil {
+			return conn, nil
+		}
+		drop := refusedParams(err, cfg.RuntimeParams)
+		if len(drop) == 0 || ctx.Err() != nil {
+			return nil, err
+		}
+		cfg = cfg.Copy()
+		for _, name := range drop {
+			delete(cfg.RuntimeParams, name)
+		}
+		d.forget(drop, err)
+	}
+}
+
+// forget makes later connections go without the run-time parameters in drop,
+// which the server refused with err, and logs them unless another connection
+// forgot them first.
+func (d *dialer) forget(drop []string, err error) {
+	d.mu.Lock()
+	var fresh []string
+	for _, name := range drop {
+		if _, ok := d.cfg.RuntimeParams[name]; ok {
+			fresh = append(fresh, name)
+		}
+	}
+	if len(fresh) > 0 {
+		next := d.cfg.Copy()
+		for _, name := range fresh {
+			delete(next.RuntimeParams, name)
+		}
+		d.cfg = next
+	}
+	d.mu.Unlock()
+	if len(fresh) > 0 {
+		d.log.Warn("server refused a run-time parameter from the URL; connecting without it",
+			zap.Strings("dropped", fresh), zap.Error(err))
+	}
 }

@@ -72,9 +72,9 @@ func createTables(ctx context.Context, c *pgcluster.Cluster) error {
 }
 
 // monitorURL is the URL a Monitor uses for s: an ordinary role with a
-// password, as in production.
-func monitorURL(s *pgcluster.Server) string {
-	return s.URL(pgcluster.RoleSCRAM.Name, pgcluster.RoleSCRAM.Password, pgcluster.Database)
+// password, as in production, and any query parameters ("key=value").
+func monitorURL(s *pgcluster.Server, params ...string) string {
+	return s.URL(pgcluster.RoleSCRAM.Name, pgcluster.RoleSCRAM.Password, pgcluster.Database, params...)
 }
 
 // superuserURL is the URL the tests themselves use to write, pause replay and

@@ -239,17 +239,20 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	if cfg.Upstream == "" {
 		return nil, errors.New("lag: an upstream URL is required")
 	}
-	upCfg, err := parseURL(cfg.Upstream)
+	upCfg, upDropped, err := parseURL(cfg.Upstream)
 	if err != nil {
 		return nil, fmt.Errorf("lag: upstream URL: %w", err)
 	}
+	upAddr := addrOf(upCfg)
+	logDropped(log, "upstream", upAddr, upDropped)
+	upDial := newDialer(upCfg, log.With(zap.String("upstream", upAddr)))
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Monitor{
 		cfg:      cfg,
 		log:      log,
-		upAddr:   addrOf(upCfg),
-		upstream: newConns(upCfg, 1),
-		primary:  newConns(upCfg, bookmarkConns),
+		upAddr:   upAddr,
+		upstream: newConns(upDial, 1),
+		primary:  newConns(upDial, bookmarkConns),
 		ctx:      ctx,
 		cancel:   cancel,
 		kick:     make(chan struct{}, 1),
@@ -257,29 +260,42 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 		priReady: make(chan struct{}),
 	}
 	if cfg.Primary != "" {
-		priCfg, err := parseURL(cfg.Primary)
+		priCfg, priDropped, err := parseURL(cfg.Primary)
 		if err != nil {
 			cancel()
 			return nil, fmt.Errorf("lag: primary URL: %w", err)
 		}
 		m.priAddr = addrOf(priCfg)
-		m.primary = newConns(priCfg, bookmarkConns)
+		logDropped(log, "primary", m.priAddr, priDropped)
+		m.primary = newConns(newDialer(priCfg, log.With(zap.String("primary", m.priAddr))), bookmarkConns)
 		m.pollPri = m.priAddr != m.upAddr
 	}
 	m.status = m.snapshot()
 	return m, nil
 }
 
-// parseURL parses a Postgres URL and names the monitor's sessions.
-func parseURL(url string) (*pgx.ConnConfig, error) {
-	cfg, err := pgx.ParseConfig(url)
+// parseURL parses a Postgres URL, drops the query parameters that
+// application frameworks put there for themselves (see dropFrameworkParams)
+// and names the monitor's sessions. It returns the names of the parameters
+// dropped.
+func parseURL(url string) (cfg *pgx.ConnConfig, dropped []string, err error) {
+	cfg, err = pgx.ParseConfig(url)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	dropped = dropFrameworkParams(cfg.RuntimeParams)
 	if _, ok := cfg.RuntimeParams["application_name"]; !ok {
 		cfg.RuntimeParams["application_name"] = applicationName
 	}
-	return cfg, nil
+	return cfg, dropped, nil
+}
+
+// logDropped logs the names of the frameworks' parameters that parseURL
+// dropped from the URL of the server at addr, what (upstream or primary).
+func logDropped(log *zap.Logger, what, addr string, dropped []string) {
+	if len(dropped) > 0 {
+		log.Info("ignoring application framework parameters in the URL", zap.String(what, addr), zap.Strings("params", dropped))
+	}
 }
 
 // addrOf is the host:port a config dials first, for logs and for telling
