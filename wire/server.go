@@ -16,8 +16,18 @@ import (
 // Defaults for Config.
 const (
 	DefaultMaxMessageSize = 1<<30 - 1 // the server's own limit for a message (MaxAllocSize)
-	DefaultDialTimeout    = 5 * time.Second
-	DefaultStartupTimeout = 60 * time.Second // as the server's authentication_timeout
+	DefaultConnectTimeout = 5 * time.Second
+	// DefaultStartupTimeout is shorter than the server's authentication_timeout (60 s): a
+	// client that has connected sends its startup packet at once, and a connection that
+	// says nothing holds a goroutine and a slot under MaxClientConn until then.
+	DefaultStartupTimeout = 10 * time.Second
+	// DefaultTCPUserTimeout frees a session whose upstream link went dead in tens of
+	// seconds rather than the kernel's 15 minutes of retransmissions.
+	DefaultTCPUserTimeout = 30 * time.Second
+	// DefaultMaxClientConn bounds the connections a relay holds at once, PgBouncer's
+	// max_client_conn. Each session is one upstream backend too, so the upstream's
+	// max_connections is usually the tighter bound.
+	DefaultMaxClientConn = 1000
 )
 
 // MinMaxMessageSize is the smallest Config.MaxMessageSize NewServer accepts.
@@ -34,11 +44,22 @@ type Config struct {
 	TLS *tls.Config
 	// MaxMessageSize bounds the length field of any message, in either direction.
 	MaxMessageSize int
-	// DialTimeout bounds connecting to the upstream, TLS included, unless the upstream URL
-	// sets connect_timeout.
-	DialTimeout time.Duration
+	// ConnectTimeout bounds the upstream's silence while a session logs in: connecting,
+	// TLS, and each wait for the server's next message until the first ReadyForQuery. The
+	// time the client takes to answer an authentication request (a person typing a
+	// password) is not counted. The upstream URL's connect_timeout, when set, wins.
+	ConnectTimeout time.Duration
 	// StartupTimeout bounds how long a client may take to send its startup packet.
 	StartupTimeout time.Duration
+	// TCPUserTimeout is TCP_USER_TIMEOUT on upstream sockets, with TCP keepalive probes
+	// to match, so that a dead link frees its sessions after about this long whether the
+	// session is idle or waiting for an answer; negative leaves the kernel's defaults. It
+	// never ends a running query on a live link: the server's kernel acknowledges.
+	TCPUserTimeout time.Duration
+	// MaxClientConn bounds the client connections held at once, in their startup or
+	// relaying; past it a client is answered FATAL 53300 after its startup packet.
+	// Cancel requests are still forwarded. Negative: no bound.
+	MaxClientConn int
 }
 
 // Server relays Postgres sessions. Create it with NewServer, then Listen and Serve.
@@ -76,8 +97,14 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.MaxMessageSize < MinMaxMessageSize {
 		return nil, fmt.Errorf("max message size %d is too small (minimum %d)", cfg.MaxMessageSize, MinMaxMessageSize)
 	}
-	if cfg.DialTimeout == 0 {
-		cfg.DialTimeout = DefaultDialTimeout
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.TCPUserTimeout == 0 {
+		cfg.TCPUserTimeout = DefaultTCPUserTimeout
+	}
+	if cfg.MaxClientConn == 0 {
+		cfg.MaxClientConn = DefaultMaxClientConn
 	}
 	if cfg.StartupTimeout == 0 {
 		cfg.StartupTimeout = DefaultStartupTimeout
@@ -85,7 +112,7 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.Upstream == "" {
 		return nil, errors.New("upstream is required")
 	}
-	up, err := parseUpstream(cfg.Upstream, cfg.DialTimeout)
+	up, err := parseUpstream(cfg.Upstream, cfg.ConnectTimeout, cfg.TCPUserTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("upstream: %w", err)
 	}
@@ -105,7 +132,7 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		keys:     make(map[string]*session),
 		closed:   make(chan struct{}),
 	}
-	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f'} {
+	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f', 'p'} {
 		s.watchIn[t] = true
 	}
 	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H'} {
@@ -132,9 +159,6 @@ func (s *Server) Addr() net.Addr {
 	}
 	return s.ln.Addr()
 }
-
-// Upstream names the upstream sessions are relayed to (host:port).
-func (s *Server) Upstream() string { return s.upstream.name }
 
 // Serve accepts connections until Shutdown or Close; it then returns nil.
 func (s *Server) Serve() error {
@@ -170,12 +194,13 @@ func (s *Server) Serve() error {
 			c.Close()
 			continue
 		}
+		full := s.cfg.MaxClientConn > 0 && len(s.starting)+len(s.sessions) >= s.cfg.MaxClientConn
 		s.starting[c] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()
 		go func() {
 			defer s.wg.Done()
-			s.handle(c)
+			s.handle(c, full)
 		}()
 	}
 }
@@ -213,11 +238,12 @@ type Stats struct {
 	Sessions      uint64 // sessions relayed since start
 	BytesIn       uint64 // bytes from clients to the upstream
 	BytesOut      uint64 // bytes from the upstream to clients
-	ConnectErrors uint64 // failed attempts to connect to the upstream
+	ConnectErrors uint64 // failed attempts to connect to the upstream, login timeouts included
+	Refused       uint64 // clients answered 53300 because MaxClientConn were open
 }
 
 type stats struct {
-	sessions, bytesIn, bytesOut, connectErrors atomic.Uint64
+	sessions, bytesIn, bytesOut, connectErrors, refused atomic.Uint64
 }
 
 // Stats returns the running totals.
@@ -227,6 +253,7 @@ func (s *Server) Stats() Stats {
 		BytesIn:       s.stats.bytesIn.Load(),
 		BytesOut:      s.stats.bytesOut.Load(),
 		ConnectErrors: s.stats.connectErrors.Load(),
+		Refused:       s.stats.refused.Load(),
 	}
 }
 
@@ -323,14 +350,12 @@ func (s *Server) forwardCancel(raw []byte, from string) {
 
 // sendCancel opens a new upstream connection and sends it the CancelRequest packet raw.
 func (s *Server) sendCancel(raw []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
-	defer cancel()
-	c, err := s.upstream.dial(ctx)
+	c, err := s.upstream.dial(context.Background())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(s.cfg.DialTimeout))
+	c.SetDeadline(time.Now().Add(s.upstream.timeout))
 	if _, err := c.Write(raw); err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -52,11 +53,15 @@ type session struct {
 	syncsInCopy int
 	copyInSeen  atomic.Bool // the server sent CopyInResponse
 
+	login loginTimer // bounds the upstream's silence until the first ReadyForQuery
+
 	stopOnce  sync.Once
 	stopCause error
 }
 
-func (s *Server) handle(c net.Conn) {
+// handle serves one accepted connection. full: MaxClientConn connections were open when it
+// was accepted, so a startup is answered 53300 (a cancel request is still forwarded).
+func (s *Server) handle(c net.Conn, full bool) {
 	start := time.Now()
 	ss := &session{srv: s, client: c}
 	ss.info.ClientAddr = c.RemoteAddr().String()
@@ -75,21 +80,28 @@ func (s *Server) handle(c net.Conn) {
 		return
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
-	up, err := s.upstream.dial(ctx)
-	cancel()
+	if full {
+		s.stats.refused.Add(1)
+		s.log.Warn("too many clients", zap.String("client", ss.info.ClientAddr), zap.Int("max_client_conn", s.cfg.MaxClientConn))
+		ss.client.Write(errorMessage("FATAL", codeTooManyConnections,
+			fmt.Sprintf("sorry, too many clients already: pgfly holds at most %d connections (--max-client-conn)", s.cfg.MaxClientConn)))
+		return
+	}
+
+	up, err := s.upstream.dial(context.Background())
 	if err != nil {
 		s.stats.connectErrors.Add(1)
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
 			zap.String("upstream", s.upstream.name), zap.Error(err))
-		c.Write(errorMessage("FATAL", codeConnectionFailure,
+		ss.client.Write(errorMessage("FATAL", codeConnectionFailure,
 			fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)))
 		return
 	}
 	ss.upstream = up
+	ss.login = loginTimer{conn: up, timeout: s.upstream.timeout}
 	defer up.Close()
 	if !s.register(ss, c) {
-		c.Write(errorMessage("FATAL", codeCannotConnectNow, "pgfly is shutting down"))
+		ss.client.Write(errorMessage("FATAL", codeCannotConnectNow, "pgfly is shutting down"))
 		return
 	}
 	defer s.unregister(ss)
@@ -201,6 +213,7 @@ func (ss *session) relay() SessionEnd {
 			fmt.Sprintf("pgfly lost upstream %s: %v", ss.srv.upstream.name, err)))
 		return SessionEnd{Reason: "upstream write failed: " + err.Error()}
 	}
+	ss.login.arm()
 	in := &pump{src: ss.client, dst: ss.upstream, buf: make([]byte, DefaultBufferSize),
 		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.noBody, inspect: ss.inspectClient,
 		total: &ss.srv.stats.bytesIn}
@@ -252,6 +265,13 @@ func (ss *session) relay() SessionEnd {
 		end.Reason, end.ProtocolError = "upstream protocol violation: "+pe.msg, true
 		ss.srv.log.Error("upstream protocol violation", zap.Uint64("session", ss.info.ID), zap.Error(first.err))
 		tell(codeProtocolViolation, "pgfly: upstream sent an invalid message: "+pe.msg)
+	case errors.Is(first.err, os.ErrDeadlineExceeded) && ss.login.expired():
+		end.Reason = "upstream login timeout"
+		ss.srv.stats.connectErrors.Add(1)
+		ss.srv.log.Warn("upstream login timeout", zap.Uint64("session", ss.info.ID),
+			zap.String("upstream", ss.srv.upstream.name), zap.Duration("timeout", ss.login.timeout))
+		tell(codeConnectionFailure, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
+			ss.srv.upstream.name, ss.login.timeout))
 	case errors.Is(first.err, io.EOF) && ss.serverFatal:
 		end.Reason = "upstream closed the session"
 	default:
@@ -271,6 +291,7 @@ func (ss *session) relay() SessionEnd {
 func (ss *session) stop(cause error) {
 	ss.stopOnce.Do(func() {
 		ss.stopCause = cause
+		ss.login.end(true) // so that it cannot move the deadline set below
 		past := time.Unix(1, 0)
 		ss.client.SetReadDeadline(past)
 		ss.upstream.SetReadDeadline(past)
@@ -360,6 +381,8 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 		ss.syncsInCopy = 0
 	case 'X':
 		ss.terminated.Store(true)
+	case 'p': // an answer to an authentication request: the server's turn again
+		ss.login.arm()
 	}
 	return nil, nil
 }
@@ -374,6 +397,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		}
 		ss.pending.Add(-1)
 		ss.units.answered()
+		ss.login.end(false)
 		status := TxStatus(body[0])
 		ss.txStatus.Store(uint32(status))
 		switch status {
@@ -405,6 +429,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		}
 		ss.srv.setCancelKey(ss, string(body))
 	case 'R':
+		ss.login.authRequest(body)
 		return stripChannelBinding(body)
 	}
 	return nil, nil

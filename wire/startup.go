@@ -24,6 +24,7 @@ const (
 	codeFeatureUnsupported     = "0A000"
 	codeAdminShutdown          = "57P01"
 	codeCannotConnectNow       = "57P03"
+	codeTooManyConnections     = "53300"
 	codeReadOnlyTransaction    = "25006"
 	codeNotInPrerequisiteState = "55000"
 )

@@ -9,9 +9,11 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sys/unix"
 )
 
 // upstream is where sessions are relayed to: the hosts of a Postgres URL, each with the TLS
@@ -19,7 +21,10 @@ import (
 type upstream struct {
 	name    string // host:port of the first target, for logs and errors
 	targets []target
+	// timeout bounds dialling, TLS, and each wait for the server while a session logs in:
+	// the URL's connect_timeout, else Config.ConnectTimeout.
 	timeout time.Duration
+	dialer  net.Dialer
 }
 
 type target struct {
@@ -32,7 +37,8 @@ var errTLSRefused = errors.New("server does not support TLS")
 
 // parseUpstream reads a Postgres URL or keyword/value string. Only the address and the TLS
 // settings are used: user and password belong to the clients.
-func parseUpstream(connString string, dialTimeout time.Duration) (*upstream, error) {
+// userTimeout is TCP_USER_TIMEOUT for TCP targets; negative leaves the kernel's defaults.
+func parseUpstream(connString string, connectTimeout, userTimeout time.Duration) (*upstream, error) {
 	cfg, err := pgconn.ParseConfig(connString)
 	if err != nil {
 		return nil, err
@@ -40,7 +46,7 @@ func parseUpstream(connString string, dialTimeout time.Duration) (*upstream, err
 	if cfg.SSLNegotiation == "direct" {
 		return nil, errors.New("sslnegotiation=direct is not supported")
 	}
-	u := &upstream{timeout: dialTimeout}
+	u := &upstream{timeout: connectTimeout, dialer: upstreamDialer(userTimeout)}
 	if cfg.ConnectTimeout > 0 {
 		u.timeout = cfg.ConnectTimeout
 	}
@@ -62,7 +68,7 @@ func (u *upstream) dial(ctx context.Context) (net.Conn, error) {
 	defer cancel()
 	var errs []error
 	for _, t := range u.targets {
-		c, err := t.dial(ctx)
+		c, err := t.dial(ctx, &u.dialer)
 		if err == nil {
 			return c, nil
 		}
@@ -74,8 +80,7 @@ func (u *upstream) dial(ctx context.Context) (net.Conn, error) {
 	return nil, errors.Join(errs...)
 }
 
-func (t target) dial(ctx context.Context) (net.Conn, error) {
-	var d net.Dialer
+func (t target) dial(ctx context.Context, d *net.Dialer) (net.Conn, error) {
 	c, err := d.DialContext(ctx, t.network, t.addr)
 	if err != nil {
 		return nil, err
@@ -109,4 +114,37 @@ func (t target) dial(ctx context.Context) (net.Conn, error) {
 		return nil, fmt.Errorf("tls handshake with %s: %w", t.addr, err)
 	}
 	return tc, nil
+}
+
+// upstreamDialer sets TCP keepalive and TCP_USER_TIMEOUT on the sockets it opens, so that a
+// link that went dead (a black hole: nothing refused, nothing acknowledged) ends its
+// sessions after about userTimeout. TCP_USER_TIMEOUT bounds data left unacknowledged, a
+// session waiting for its answer; the keepalive probes, sent after a third of it idle,
+// give an idle session's link something to acknowledge, and the same bound ends it.
+// Negative userTimeout leaves the kernel's defaults (Go's 15 s keepalive, and about
+// 15 minutes of retransmissions).
+func upstreamDialer(userTimeout time.Duration) net.Dialer {
+	if userTimeout < 0 {
+		return net.Dialer{}
+	}
+	probe := max(userTimeout/3, time.Second)
+	return net.Dialer{
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: probe, Interval: probe, Count: 3},
+		Control: func(network, _ string, rc syscall.RawConn) error {
+			if network != "tcp4" && network != "tcp6" && network != "tcp" {
+				return nil
+			}
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(userTimeout.Milliseconds()))
+			})
+			if err != nil {
+				return err
+			}
+			if serr != nil {
+				return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", serr)
+			}
+			return nil
+		},
+	}
 }

@@ -46,6 +46,10 @@ type serveConfig struct {
 	logLevel          string
 	tlsCert, tlsKey   string
 	maxMessageSize    byteSize
+	connectTimeout    time.Duration
+	startupTimeout    time.Duration
+	tcpUserTimeout    time.Duration
+	maxClientConn     int
 	shutdownTimeout   time.Duration
 }
 
@@ -98,6 +102,14 @@ func (c *serveConfig) register(fs *flagSet) {
 	c.maxMessageSize = wire.DefaultMaxMessageSize
 	fs.Var(&c.maxMessageSize, "max-message-size", "largest Postgres message accepted, e.g. 64MiB")
 	fs.bindEnv("max-message-size", "PGFLY_MAX_MESSAGE_SIZE")
+	fs.DurationVar(&c.connectTimeout, "connect-timeout", wire.DefaultConnectTimeout, "bounds the upstream's silence while a session logs in: connect, TLS, each wait for the server (not the client's answers); the upstream URL's connect_timeout wins")
+	fs.bindEnv("connect-timeout", "PGFLY_CONNECT_TIMEOUT")
+	fs.DurationVar(&c.startupTimeout, "startup-timeout", wire.DefaultStartupTimeout, "how long a client may take to send its startup packet")
+	fs.bindEnv("startup-timeout", "PGFLY_STARTUP_TIMEOUT")
+	fs.DurationVar(&c.tcpUserTimeout, "tcp-user-timeout", wire.DefaultTCPUserTimeout, "TCP_USER_TIMEOUT and keepalive on upstream sockets: a dead link ends its sessions after about this long; 0 leaves the kernel's defaults")
+	fs.bindEnv("tcp-user-timeout", "PGFLY_TCP_USER_TIMEOUT")
+	fs.IntVar(&c.maxClientConn, "max-client-conn", wire.DefaultMaxClientConn, "most client connections held at once; past it clients get FATAL 53300; 0 for no limit")
+	fs.bindEnv("max-client-conn", "PGFLY_MAX_CLIENT_CONN")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", DefaultShutdownTimeout, "on SIGTERM, how long open sessions may go on before they are closed")
 	fs.bindEnv("shutdown-timeout", "PGFLY_SHUTDOWN_TIMEOUT")
 }
@@ -134,10 +146,30 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	for _, d := range []struct {
 		flag string
 		v    time.Duration
-	}{{"shutdown-timeout", c.shutdownTimeout}, {"consistency-wait", c.consistencyWait}, {"max-lag", c.maxLag}} {
+	}{{"shutdown-timeout", c.shutdownTimeout}, {"consistency-wait", c.consistencyWait}, {"max-lag", c.maxLag},
+		{"tcp-user-timeout", c.tcpUserTimeout}} {
 		if d.v < 0 {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must not be negative", d.v, d.flag)
 		}
+	}
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{{"connect-timeout", c.connectTimeout}, {"startup-timeout", c.startupTimeout}} {
+		if d.v <= 0 {
+			return sc, fmt.Errorf("invalid value %v for flag --%s: must be positive (a wait without a bound is what it prevents)", d.v, d.flag)
+		}
+	}
+	if c.maxClientConn < 0 {
+		return sc, fmt.Errorf("invalid value %d for flag --max-client-conn: must not be negative", c.maxClientConn)
+	}
+	sc.ConnectTimeout, sc.StartupTimeout = c.connectTimeout, c.startupTimeout
+	sc.TCPUserTimeout, sc.MaxClientConn = c.tcpUserTimeout, c.maxClientConn
+	if c.tcpUserTimeout == 0 {
+		sc.TCPUserTimeout = -1 // the kernel's defaults
+	}
+	if c.maxClientConn == 0 {
+		sc.MaxClientConn = -1 // no limit
 	}
 	var err error
 	if sc.ReplayRoutes, err = router.ParseRoutePatterns(c.replayRoutes); err != nil {

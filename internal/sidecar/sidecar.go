@@ -28,6 +28,10 @@ type Config struct {
 	Primary        string      // the primary's Postgres URL, optional
 	TLS            *tls.Config // offered to clients that ask for TLS; nil answers 'N'
 	MaxMessageSize int
+	ConnectTimeout time.Duration // see wire.Config for these four; zero takes wire's default
+	StartupTimeout time.Duration
+	TCPUserTimeout time.Duration
+	MaxClientConn  int
 
 	// HTTP side; HTTPListen "" disables the shim.
 	HTTPListen        string
@@ -111,6 +115,10 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		Upstream:       cfg.Upstream,
 		TLS:            cfg.TLS,
 		MaxMessageSize: cfg.MaxMessageSize,
+		ConnectTimeout: cfg.ConnectTimeout,
+		StartupTimeout: cfg.StartupTimeout,
+		TCPUserTimeout: cfg.TCPUserTimeout,
+		MaxClientConn:  cfg.MaxClientConn,
 	}, ev, log.Named("wire"))
 	if err != nil {
 		return nil, err

@@ -1,0 +1,258 @@
+package wire_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgfly/pgfly/internal/netns"
+	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/wire"
+)
+
+// freeze stops (SIGSTOP) the postmaster of srv until the returned thaw is called, or the
+// test ends. The kernel still accepts connections into its listen queue and acknowledges
+// what clients send: a login then waits on a server that never answers. Running backends are
+// separate processes and go on.
+func freeze(tb testing.TB, srv *pgcluster.Server) (thaw func()) {
+	tb.Helper()
+	data, err := os.ReadFile(filepath.Join(srv.DataDir, "postmaster.pid"))
+	if err != nil {
+		tb.Fatalf("postmaster.pid: %v", err)
+	}
+	first, _, _ := strings.Cut(string(data), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(first))
+	if err != nil {
+		tb.Fatalf("postmaster.pid: %v", err)
+	}
+	return stopProcess(tb, pid)
+}
+
+// stopProcess sends SIGSTOP to pid and returns the function that sends SIGCONT, which the
+// test's cleanup calls too.
+func stopProcess(tb testing.TB, pid int) (resume func()) {
+	tb.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		tb.Fatalf("SIGSTOP %d: %v", pid, err)
+	}
+	resumed := false
+	resume = func() {
+		if !resumed {
+			resumed = true
+			syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}
+	tb.Cleanup(resume)
+	return resume
+}
+
+// wantLoginTimeout connects to url and expects pgfly's FATAL 08006 naming upstream and
+// "timeout" well within bound, which is far beyond the timeout under test.
+func wantLoginTimeout(t *testing.T, url, upstream string, bound time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err == nil {
+		conn.Close(ctx)
+		t.Fatal("connect through a relay whose upstream is frozen: got a session, want FATAL 08006")
+	}
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		t.Fatalf("connect: got %v, want pgfly's FATAL 08006 within %v", err, bound)
+	}
+	if pe.Severity != "FATAL" || pe.Code != "08006" || !strings.Contains(pe.Message, upstream) || !strings.Contains(pe.Message, "timeout") {
+		t.Fatalf("connect: got %s %s %q, want FATAL 08006 naming %s and saying timeout", pe.Severity, pe.Code, pe.Message, upstream)
+	}
+}
+
+func TestLoginTimeoutOnAFrozenUpstream(t *testing.T) {
+	upstream := cluster.Replica.Addr()
+	short := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable"), wire.Config{ConnectTimeout: 500 * time.Millisecond})
+	// The URL's connect_timeout wins over a ConnectTimeout that would outlast the test.
+	byURL := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable", "connect_timeout=1"), wire.Config{ConnectTimeout: time.Hour})
+
+	thaw := freeze(t, cluster.Replica)
+	t.Run("ConnectTimeout", func(t *testing.T) {
+		wantLoginTimeout(t, short.url(pgcluster.RoleSCRAM), upstream, 30*time.Second)
+	})
+	t.Run("the URL's connect_timeout", func(t *testing.T) {
+		wantLoginTimeout(t, byURL.url(pgcluster.RoleSCRAM), upstream, 30*time.Second)
+	})
+	thaw()
+	login(t, short.url(pgcluster.RoleSCRAM), pgcluster.RoleSCRAM.Name)
+	waitFor(t, 10*time.Second, "the timed-out sessions to be closed", func() bool {
+		n := 0
+		for _, e := range short.events.Closed() {
+			if e.Reason == "upstream login timeout" {
+				n++
+			}
+		}
+		return n == 1 && short.OpenSessions() == 1
+	})
+	if got := short.Stats().ConnectErrors; got != 1 {
+		t.Errorf("ConnectErrors: got %d, want 1 (the login timeout)", got)
+	}
+}
+
+// slowPassword delays each password message ('p') the client sends by delay: a person typing.
+type slowPassword struct {
+	net.Conn
+	delay time.Duration
+}
+
+func (c *slowPassword) Write(b []byte) (int, error) {
+	if len(b) > 0 && b[0] == 'p' {
+		time.Sleep(c.delay)
+	}
+	return c.Conn.Write(b)
+}
+
+func TestLoginTimeoutDoesNotCountTheClientsTurn(t *testing.T) {
+	r := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable"), wire.Config{ConnectTimeout: 200 * time.Millisecond})
+	for _, role := range []pgcluster.Role{pgcluster.RolePassword, pgcluster.RoleSCRAM} {
+		t.Run(role.Name, func(t *testing.T) {
+			cfg, err := pgx.ParseConfig(r.url(role))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var d net.Dialer
+			cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, err := d.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return &slowPassword{Conn: c, delay: time.Second}, nil
+			}
+			conn := connectConfig(t, cfg)
+			var user string
+			if err := conn.QueryRow(context.Background(), "select current_user").Scan(&user); err != nil || user != role.Name {
+				t.Fatalf("select current_user: got %q, %v; want %q", user, err, role.Name)
+			}
+		})
+	}
+}
+
+func TestNoTimeoutOnARunningQuery(t *testing.T) {
+	r := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable"), wire.Config{ConnectTimeout: 200 * time.Millisecond})
+	conn := r.connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(ctx, "select pg_sleep(1)"); err != nil {
+		t.Fatalf("a query five times as long as the connect timeout: %v", err)
+	}
+	// A backend that stops answering after login is a running query too.
+	var pid int
+	if err := conn.QueryRow(ctx, "select pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	resume := stopProcess(t, pid)
+	done := execAsync(ctx, conn, "select 1")
+	time.Sleep(time.Second)
+	resume()
+	if err := <-done; err != nil {
+		t.Fatalf("a query on a backend frozen for a second after login: %v", err)
+	}
+}
+
+func TestMaxClientConn(t *testing.T) {
+	r := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable"), wire.Config{MaxClientConn: 2})
+	a := r.connect(t)
+	b := r.connect(t)
+	err := connectErr(t, r.url(pgcluster.RoleSuperuser), "a third connection past MaxClientConn 2", "FATAL 53300")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "53300" || pe.Severity != "FATAL" {
+		t.Fatalf("third connection: got %v, want FATAL 53300", err)
+	}
+	if got := r.Stats().Refused; got != 1 {
+		t.Errorf("Refused: got %d, want 1", got)
+	}
+
+	// Cancel requests still pass: they are how a client stops its own running query.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	running := execAsync(ctx, a, "select pg_sleep(30)")
+	waitFor(t, 10*time.Second, "the query to run", func() bool {
+		var n int
+		b.QueryRow(ctx, "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'").Scan(&n)
+		return n == 1
+	})
+	if err := a.PgConn().CancelRequest(ctx); err != nil {
+		t.Fatalf("cancel request at the limit: %v", err)
+	}
+	if err := <-running; err == nil || !strings.Contains(err.Error(), "57014") {
+		t.Fatalf("cancelled query: got %v, want 57014", err)
+	}
+
+	b.Close(ctx)
+	waitFor(t, 10*time.Second, "a slot to free", func() bool { return r.OpenSessions() == 1 })
+	r.connect(t)
+}
+
+func TestTLSClientGetsTheFatalInsideTLS(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedAddr := ln.Addr().String()
+	ln.Close()
+	cert, _ := selfSignedCert(t)
+	r := startRelay(t, "postgres://"+closedAddr+"/?sslmode=disable", wire.Config{TLS: &tls.Config{Certificates: []tls.Certificate{cert}}})
+	err = connectErr(t, r.url(pgcluster.RoleSuperuser, "sslmode=require"), "connect over TLS with the upstream down", "FATAL 08006")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "08006" || !strings.Contains(pe.Message, closedAddr) {
+		t.Fatalf("connect over TLS: got %v, want FATAL 08006 naming %s, read inside TLS", err, closedAddr)
+	}
+}
+
+func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
+	if err := netns.Available(); err != nil {
+		t.Skip(err) // CI runs as root, where this never skips
+	}
+	link, err := netns.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { link.Close() })
+	far, err := link.Forward(cluster.Replica.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startRelay(t, "postgres://"+far+"/?sslmode=disable", wire.Config{TCPUserTimeout: 2 * time.Second})
+	idle := r.connect(t)
+	busy := r.connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := idle.Exec(ctx, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := link.Cut(); err != nil {
+		t.Fatal(err)
+	}
+	cut := time.Now()
+	// busy's query is sent into the black hole and never acknowledged; idle sends nothing,
+	// so only keepalive probes notice.
+	done := execAsync(ctx, busy, "select 1")
+	waitFor(t, time.Minute, "both sessions to end", func() bool { return r.OpenSessions() == 0 })
+	t.Logf("both sessions freed %v after the cut (TCPUserTimeout 2s)", time.Since(cut).Round(100*time.Millisecond))
+	if err := <-done; err == nil {
+		t.Fatal("query into a black hole: got an answer, want pgfly's 08006 or a closed connection")
+	}
+	for _, e := range r.events.Closed() {
+		if !strings.HasPrefix(e.Reason, "upstream connection lost") {
+			t.Errorf("session %d ended with %q, want upstream connection lost", e.ID, e.Reason)
+		}
+	}
+}
