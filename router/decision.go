@@ -24,6 +24,9 @@ const (
 	ReasonReadOnly Reason = "read_only" // the replica refused one of its statements
 	ReasonLag      Reason = "lag"       // the replica does not reach the client's bookmark in time
 	ReasonRoute    Reason = "route"     // a learned or configured write route, sent before the app ran it
+	// ReasonReplicaDown: pgfly could not reach the nearby database, or lost it, while the
+	// request ran, or the monitor saw it down before the request was run.
+	ReasonReplicaDown Reason = "replica_down"
 )
 
 // Match says how a refusal was matched to a request.
@@ -66,7 +69,7 @@ type cause struct {
 }
 
 // upFront: the app has not run the request, so its body has not been read.
-func (c cause) upFront() bool { return c.reason != ReasonReadOnly }
+func (c cause) upFront() bool { return c.v == nil }
 
 // errTainted makes the app proxy drop a tainted request's response and hand it to appFailed.
 var errTainted = errors.New("tainted by a standby refusal")
@@ -137,6 +140,8 @@ func why(r Reason) string {
 		return "the database here has not caught up with your last write"
 	case ReasonRoute:
 		return "this route writes, and the database here is a read-only replica"
+	case ReasonReplicaDown:
+		return "the database here cannot be reached"
 	default:
 		return "the database here refused a write"
 	}
@@ -178,7 +183,11 @@ func (s *Shim) appFailed(w http.ResponseWriter, r *http.Request, err error) {
 			req.clientGone()
 		}
 		if v, match := req.begin(0); v != nil {
-			s.replay(w, req, cause{reason: ReasonReadOnly, match: match, v: v})
+			reason := ReasonReadOnly
+			if v.Down {
+				reason = ReasonReplicaDown
+			}
+			s.replay(w, req, cause{reason: reason, match: match, v: v})
 			return
 		}
 	}

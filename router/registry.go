@@ -33,6 +33,7 @@ type request struct {
 	appFailed bool // the app answered a server error or did not answer
 	appStatus int  // the app's status code, once it answered
 	gone      bool // the client went away before the app answered
+	wrote     bool // a write committed in this region while it ran: never replayed
 }
 
 type ctxKey struct{}
@@ -84,9 +85,13 @@ func (s *Shim) untrack(req *request) {
 		return
 	}
 	req.mu.Lock()
+	down := req.taint != nil && req.taint.Down
 	refused := req.taint != nil && (req.named || req.appFailed && !req.gone)
 	clean := req.taint == nil
 	req.mu.Unlock()
+	if down {
+		return // the database was unreachable: nothing learned about the route
+	}
 	if !refused && !clean {
 		return // tainted among others and answered normally: no evidence either way
 	}
@@ -117,20 +122,14 @@ func (s *Shim) ReadOnly(v Violation) {
 		}
 		return
 	}
-	s.mu.Lock()
-	candidates := make([]*request, 0, len(s.inflight))
+	candidates := s.candidates(v.SentAt)
 	var precise *request
 	matches := 0
-	for r := range s.inflight {
-		if r.upgrade || !v.SentAt.IsZero() && r.start.After(v.SentAt) {
-			continue
-		}
-		candidates = append(candidates, r)
+	for _, r := range candidates {
 		if v.TraceID != "" && r.traceID == v.TraceID {
 			precise, matches = r, matches+1
 		}
 	}
-	s.mu.Unlock()
 
 	if matches == 1 {
 		if !precise.taintWith(&v, MatchPrecise, true) {
@@ -161,6 +160,73 @@ func (s *Shim) ReadOnly(v Violation) {
 		log.Warn("standby refusal with no HTTP request in flight (a background job or console?): the error reaches its client as it is")
 		s.observe(Decision{Outcome: OutcomeNoRequest, Reason: ReasonReadOnly})
 	}
+}
+
+// candidates are the requests in flight that a database event at sentAt may belong to:
+// all but WebSockets and those that started after it (none is excluded when sentAt is zero).
+func (s *Shim) candidates(sentAt time.Time) []*request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	candidates := make([]*request, 0, len(s.inflight))
+	for r := range s.inflight {
+		if r.upgrade || !sentAt.IsZero() && r.start.After(sentAt) {
+			continue
+		}
+		candidates = append(candidates, r)
+	}
+	return candidates
+}
+
+// UpstreamFailed taints the requests that may have used a session for which pgfly could not
+// reach the nearby database, or lost it, so that they are replayed in the primary region
+// (state pgfly_replica_down): a replica outage costs a detour, not an error. The relay knows
+// the session wrote nothing; were it not so (wrote: a promoted upstream), nothing is tainted
+// and the requests in flight are never replayed, as after WriteCommitted. Tainting is by
+// overlap, as the failure may come before any statement carried a trace id, and is not
+// evidence that a route writes.
+func (s *Shim) UpstreamFailed(v Violation, wrote bool) {
+	if s.primary() {
+		return // nowhere else to go
+	}
+	if wrote {
+		s.log.Error("lost a session that wrote in a replica region: its requests are not replayed, the write may have committed",
+			zap.Uint64("session", v.SessionID), zap.String("error", v.Message))
+		s.WriteCommitted(v.Time)
+		return
+	}
+	v.Down = true
+	tainted, started := 0, 0
+	for _, r := range s.candidates(v.SentAt) {
+		if r.taintWith(&v, MatchOverlap, false) {
+			tainted++
+		} else {
+			started++
+		}
+	}
+	s.log.Debug("upstream failure tainted requests", zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code),
+		zap.Int("requests", tainted), zap.Int("started", started))
+	if tainted == 0 && started > 0 {
+		s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReplicaDown, Match: MatchOverlap})
+	}
+}
+
+// WriteCommitted makes the requests in flight that started before at unreplayable: in a
+// replica region a write committed only because the upstream is a primary now, and a replay
+// of the request that made it would write twice. Cheap in the primary region, where writes
+// are the rule and nothing is replayed.
+func (s *Shim) WriteCommitted(at time.Time) {
+	if s.primary() {
+		return
+	}
+	n := 0
+	for _, r := range s.candidates(at) {
+		r.mu.Lock()
+		r.wrote = true
+		r.mu.Unlock()
+		n++
+	}
+	s.log.Warn("a write committed in a replica region: is the upstream a primary? The requests in flight will not be replayed",
+		zap.String("region", s.cfg.Region), zap.Int("requests", n))
 }
 
 func (s *Shim) observeRefusal(tainted int) {
@@ -195,6 +261,9 @@ func (r *request) begin(status int) (*Violation, Match) {
 		r.appStatus = status
 	}
 	r.appFailed = r.appFailed || r.appStatus == 0 || r.appStatus >= 500
+	if r.wrote {
+		return nil, "" // its answer stands: a replay could write twice
+	}
 	return r.taint, r.match
 }
 

@@ -88,6 +88,10 @@ type Config struct {
 	ConsistencyWait time.Duration
 	// Replica gives bookmarks and waits for them; nil turns bookmarks off.
 	Replica Replica
+	// UpstreamDown reports whether the monitor sees the nearby database down; while it
+	// does, a replica region sends requests to the primary region before the app runs them
+	// (except LocalRoutes). May be nil.
+	UpstreamDown func() bool
 
 	// ReplayRoutes are always sent to the primary region before the app runs them;
 	// LocalRoutes are never learned nor sent up front (a refusal or an unreached bookmark is
@@ -118,6 +122,9 @@ type Violation struct {
 	Code    string
 	Message string
 	TraceID string // W3C trace id of the failing statement's comment, or ""
+	// Down: not a refusal but pgfly failing to reach the upstream, or losing it, while the
+	// session had written nothing (see UpstreamFailed).
+	Down bool
 }
 
 // Shim is the HTTP shim. Create it with New, then Listen and Serve.
@@ -339,12 +346,14 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // upFront decides, in a replica region, whether a request goes to the primary region before
-// the app runs it: a configured or learned write route, else a bookmark that the replica does
-// not reach in time. gone reports a client that went away while it waited.
+// the app runs it: the nearby database is down, a configured or learned write route, else a
+// bookmark that the replica does not reach in time. gone reports a client that went away while it waited.
 func (s *Shim) upFront(ctx context.Context, req *request) (c cause, gone bool) {
 	switch {
 	case s.localRoutes.match(req.method, req.path):
 		req.configured = true // an operator's word: nothing to learn here
+	case s.cfg.UpstreamDown != nil && s.cfg.UpstreamDown():
+		return cause{reason: ReasonReplicaDown}, false
 	case s.replayRoutes.match(req.method, req.path):
 		req.configured = true
 		return cause{reason: ReasonRoute, route: "configured"}, false

@@ -104,6 +104,22 @@ func TestLoginTimeoutOnAFrozenUpstream(t *testing.T) {
 	if got := short.Stats().ConnectErrors; got != 1 {
 		t.Errorf("ConnectErrors: got %d, want 1 (the login timeout)", got)
 	}
+	wantFailures(t, short.events, wire.FailLoginTimeout, false)
+}
+
+// wantFailures checks that every upstream failure rec saw has cause and wrote, and that there
+// was at least one.
+func wantFailures(t *testing.T, rec *recorder, cause string, wrote bool) {
+	t.Helper()
+	got := rec.Failures()
+	if len(got) == 0 {
+		t.Fatalf("no upstream failure reported, want %q", cause)
+	}
+	for _, f := range got {
+		if f.Cause != cause || f.Wrote != wrote || f.Code != "08006" || f.Time.IsZero() {
+			t.Errorf("upstream failure: got %+v, want cause %q, wrote %v, code 08006", f, cause, wrote)
+		}
+	}
 }
 
 // slowPassword delays each password message ('p') the client sends by delay: a person typing.
@@ -214,6 +230,7 @@ func TestTLSClientGetsTheFatalInsideTLS(t *testing.T) {
 	if !errors.As(err, &pe) || pe.Code != "08006" || !strings.Contains(pe.Message, closedAddr) {
 		t.Fatalf("connect over TLS: got %v, want FATAL 08006 naming %s, read inside TLS", err, closedAddr)
 	}
+	wantFailures(t, r.events, wire.FailConnect, false)
 }
 
 func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
@@ -229,12 +246,21 @@ func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	farPrimary, err := link.Forward(cluster.Primary.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
 	r := startRelay(t, "postgres://"+far+"/?sslmode=disable", wire.Config{TCPUserTimeout: 2 * time.Second})
+	rw := startRelay(t, "postgres://"+farPrimary+"/?sslmode=disable", wire.Config{TCPUserTimeout: 2 * time.Second})
 	idle := r.connect(t)
 	busy := r.connect(t)
+	writer := rw.connect(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if _, err := idle.Exec(ctx, "select 1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := writer.Exec(ctx, "create temporary table black_hole_wrote (x int)"); err != nil {
 		t.Fatal(err)
 	}
 
@@ -245,14 +271,17 @@ func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
 	// busy's query is sent into the black hole and never acknowledged; idle sends nothing,
 	// so only keepalive probes notice.
 	done := execAsync(ctx, busy, "select 1")
-	waitFor(t, time.Minute, "both sessions to end", func() bool { return r.OpenSessions() == 0 })
-	t.Logf("both sessions freed %v after the cut (TCPUserTimeout 2s)", time.Since(cut).Round(100*time.Millisecond))
+	waitFor(t, time.Minute, "the three sessions to end", func() bool { return r.OpenSessions()+rw.OpenSessions() == 0 })
+	t.Logf("the sessions were freed %v after the cut (TCPUserTimeout 2s)", time.Since(cut).Round(100*time.Millisecond))
 	if err := <-done; err == nil {
 		t.Fatal("query into a black hole: got an answer, want pgfly's 08006 or a closed connection")
 	}
-	for _, e := range r.events.Closed() {
+	for _, e := range append(r.events.Closed(), rw.events.Closed()...) {
 		if !strings.HasPrefix(e.Reason, "upstream connection lost") {
 			t.Errorf("session %d ended with %q, want upstream connection lost", e.ID, e.Reason)
 		}
 	}
+	// The relay knows the replica's sessions wrote nothing, and that the primary's did.
+	wantFailures(t, r.events, wire.FailLost, false)
+	wantFailures(t, rw.events, wire.FailLost, true)
 }

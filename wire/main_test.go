@@ -163,6 +163,7 @@ type recorder struct {
 	closed     []wire.SessionEnd
 	violations []wire.ReadOnlyViolation
 	writes     []wire.WriteCommitted
+	failures   []wire.UpstreamFailure
 	// onReadOnly, when set, is called from ReadOnly, on the session's goroutine.
 	onReadOnly func(wire.ReadOnlyViolation)
 }
@@ -187,6 +188,19 @@ func (r *recorder) ReadOnly(v wire.ReadOnlyViolation) {
 	if hook != nil {
 		hook(v)
 	}
+}
+
+func (r *recorder) UpstreamFailed(f wire.UpstreamFailure) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failures = append(r.failures, f)
+}
+
+// Failures returns a copy of the upstream failures seen so far.
+func (r *recorder) Failures() []wire.UpstreamFailure {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]wire.UpstreamFailure(nil), r.failures...)
 }
 
 func (r *recorder) WriteCommitted(w wire.WriteCommitted) {

@@ -77,6 +77,31 @@ type WriteCommitted struct {
 	Time      time.Time
 }
 
+// UpstreamFailure is reported when a session cannot reach its upstream or loses it: the dial
+// failed, the upstream did not answer the login in time, it ended the session with a FATAL
+// of class 57P (shutting down, crashed, not accepting connections yet), or the connection
+// broke. It is delivered before the client is told. A standby cannot have written for the
+// session; Wrote says whether the relay saw a write anyway (the upstream was promoted), in
+// which case whoever ran the session's work must not run it again elsewhere.
+type UpstreamFailure struct {
+	SessionID uint64 // 0 when the session never reached the upstream
+	Time      time.Time
+	Cause     string // "connect", "login timeout", "shutdown" or "lost"
+	Code      string // the SQLSTATE the client is told
+	Message   string
+	// Wrote: a write of this session committed, or its open transaction wrote and may have
+	// committed before the connection broke.
+	Wrote bool
+}
+
+// Causes of an UpstreamFailure.
+const (
+	FailConnect      = "connect"
+	FailLoginTimeout = "login timeout"
+	FailShutdown     = "shutdown"
+	FailLost         = "lost"
+)
+
 // Observer receives a relay's events. Its methods are called from session goroutines,
 // synchronously: they must be quick and safe for concurrent use. ReadOnly is called before
 // the error is forwarded, so its effects are visible before the client can react.
@@ -85,12 +110,14 @@ type Observer interface {
 	SessionClosed(SessionEnd)
 	ReadOnly(ReadOnlyViolation)
 	WriteCommitted(WriteCommitted)
+	UpstreamFailed(UpstreamFailure)
 }
 
 // NopObserver ignores every event.
 type NopObserver struct{}
 
-func (NopObserver) SessionOpened(SessionInfo)     {}
-func (NopObserver) SessionClosed(SessionEnd)      {}
-func (NopObserver) ReadOnly(ReadOnlyViolation)    {}
-func (NopObserver) WriteCommitted(WriteCommitted) {}
+func (NopObserver) SessionOpened(SessionInfo)      {}
+func (NopObserver) SessionClosed(SessionEnd)       {}
+func (NopObserver) ReadOnly(ReadOnlyViolation)     {}
+func (NopObserver) WriteCommitted(WriteCommitted)  {}
+func (NopObserver) UpstreamFailed(UpstreamFailure) {}

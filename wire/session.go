@@ -41,6 +41,7 @@ type session struct {
 
 	// Owned by the server-to-client goroutine.
 	wrote       bool // the current transaction wrote
+	committed   bool // a write of this session committed
 	undone      bool // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
 	copyIn      bool // a COPY FROM STDIN is running
 	serverFatal bool // the server sent a FATAL or PANIC error
@@ -93,8 +94,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 		s.stats.connectErrors.Add(1)
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
 			zap.String("upstream", s.upstream.name), zap.Error(err))
-		ss.client.Write(errorMessage("FATAL", codeConnectionFailure,
-			fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)))
+		msg := fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)
+		s.obs.UpstreamFailed(UpstreamFailure{Time: time.Now(), Cause: FailConnect, Code: codeConnectionFailure, Message: msg})
+		ss.client.Write(errorMessage("FATAL", codeConnectionFailure, msg))
 		return
 	}
 	ss.upstream = up
@@ -270,8 +272,8 @@ func (ss *session) relay() SessionEnd {
 		ss.srv.stats.connectErrors.Add(1)
 		ss.srv.log.Warn("upstream login timeout", zap.Uint64("session", ss.info.ID),
 			zap.String("upstream", ss.srv.upstream.name), zap.Duration("timeout", ss.login.timeout))
-		tell(codeConnectionFailure, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
-			ss.srv.upstream.name, ss.login.timeout))
+		ss.failed(FailLoginTimeout, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
+			ss.srv.upstream.name, ss.login.timeout), tell)
 	case errors.Is(first.err, io.EOF) && ss.serverFatal:
 		end.Reason = "upstream closed the session"
 	default:
@@ -280,10 +282,18 @@ func (ss *session) relay() SessionEnd {
 			end.Reason += ": " + first.err.Error()
 		}
 		if !ss.serverFatal {
-			tell(codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name))
+			ss.failed(FailLost, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name), tell)
 		}
 	}
 	return end
+}
+
+// failed reports an UpstreamFailure with the client told msg (FATAL 08006), and then tells it.
+// Both pumps have returned, so the session's write state is settled.
+func (ss *session) failed(cause, msg string, tell func(code, msg string)) {
+	ss.srv.obs.UpstreamFailed(UpstreamFailure{SessionID: ss.info.ID, Time: time.Now(), Cause: cause,
+		Code: codeConnectionFailure, Message: msg, Wrote: ss.committed || ss.wrote})
+	tell(codeConnectionFailure, msg)
 }
 
 // stop makes both copy goroutines return soon: it expires their read deadlines, which keeps
@@ -404,7 +414,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		case TxIdle:
 			ss.undone = false
 			if ss.wrote {
-				ss.wrote = false
+				ss.wrote, ss.committed = false, true
 				ss.srv.obs.WriteCommitted(WriteCommitted{SessionID: ss.info.ID, Time: time.Now()})
 			}
 		default:
@@ -476,6 +486,10 @@ func (ss *session) noteError(body []byte) {
 	f := parseError(body)
 	if string(f.severity) == "FATAL" || string(f.severity) == "PANIC" {
 		ss.serverFatal = true
+		if bytes.HasPrefix(f.code, []byte("57P")) { // admin or crash shutdown, cannot connect now
+			ss.srv.obs.UpstreamFailed(UpstreamFailure{SessionID: ss.info.ID, Time: time.Now(), Cause: FailShutdown,
+				Code: string(f.code), Message: string(f.message), Wrote: ss.committed || ss.wrote})
+		}
 	}
 	status := TxStatus(ss.txStatus.Load())
 	if status != TxInBlock && status != TxFailed { // a failed block lives on until ROLLBACK

@@ -15,6 +15,8 @@ type events struct {
 	metrics func() *metrics // set once the relay exists; events arrive only after that
 	// upstreamStandby reports whether the monitor last saw the upstream in recovery.
 	upstreamStandby func() bool
+	// kick asks the monitor to look at the upstream now; may be nil.
+	kick func()
 }
 
 func (e *events) SessionOpened(wire.SessionInfo) {}
@@ -51,6 +53,22 @@ func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
 	}
 }
 
-func (e *events) WriteCommitted(wire.WriteCommitted) {
+func (e *events) WriteCommitted(w wire.WriteCommitted) {
 	e.metrics().writes.Inc()
+	if e.shim != nil {
+		e.shim.WriteCommitted(w.Time)
+	}
+}
+
+// UpstreamFailed: the relay could not reach the upstream for a session, or lost it. The
+// requests that may have used it are replayed in the primary region, and the monitor is woken
+// so that /health and up-front replays follow at once.
+func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
+	e.metrics().upstreamFailures.WithLabelValues(f.Cause).Inc()
+	if e.kick != nil {
+		e.kick()
+	}
+	if e.shim != nil {
+		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code, Message: f.Message}, f.Wrote)
+	}
 }

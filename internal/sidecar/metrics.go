@@ -19,6 +19,8 @@ type metrics struct {
 	replays      *prometheus.CounterVec
 	bookmarkWait *prometheus.HistogramVec
 	tainted      prometheus.Histogram
+	// upstreamFailures counts sessions that could not reach the upstream or lost it, by cause.
+	upstreamFailures *prometheus.CounterVec
 }
 
 func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
@@ -34,7 +36,7 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		}),
 		replays: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pgfly_replay_decisions_total",
-			Help: "Decisions about sending requests to the primary region, by reason (read_only, lag, route), match (precise, overlap), route (learned, configured) and outcome (replayed, loop_blocked, too_large, started, no_request, primary, not_replayed).",
+			Help: "Decisions about sending requests to the primary region, by reason (read_only, lag, route, replica_down), match (precise, overlap), route (learned, configured) and outcome (replayed, loop_blocked, too_large, started, no_request, primary, not_replayed).",
 		}, []string{"reason", "match", "route", "outcome"}),
 		bookmarkWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "pgfly_bookmark_wait_seconds",
@@ -48,7 +50,11 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted)
+	m.upstreamFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pgfly_upstream_failures_total",
+		Help: "Client sessions for which the relay could not reach the upstream or lost it, by cause (connect, login timeout, shutdown: a FATAL 57P, lost).",
+	}, []string{"cause"})
+	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures)
 	stat := func(f func(wire.Stats) uint64) func() float64 {
 		return func() float64 { return float64(f(relay.Stats())) }
 	}
@@ -63,6 +69,8 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 			ConstLabels: prometheus.Labels{"direction": "to_client"}}, stat(func(s wire.Stats) uint64 { return s.BytesOut })),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_upstream_connect_errors_total", Help: "Failed connections to the upstream for client sessions."},
 			stat(func(s wire.Stats) uint64 { return s.ConnectErrors })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_clients_refused_total", Help: "Client connections answered 53300 because --max-client-conn were open."},
+			stat(func(s wire.Stats) uint64 { return s.Refused })),
 	)
 	if shim != nil {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_http_requests_in_flight", Help: "HTTP requests in flight through the shim."},

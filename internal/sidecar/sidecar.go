@@ -100,9 +100,13 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			DisableLearning:   cfg.DisableLearning,
 			Replica:           monitor,
 			IsPrimary:         func() bool { return monitor.Status().Role == lag.RolePrimary },
-			Observe:           func(d router.Decision) { s.metrics.decision(d) },
-			ObserveWait:       func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) },
-			ObserveRefusal:    func(n int) { s.metrics.tainted.Observe(float64(n)) },
+			UpstreamDown: func() bool {
+				st := monitor.Status()
+				return !st.UpstreamUp && !st.CheckedAt.IsZero() // not before the first poll
+			},
+			Observe:        func(d router.Decision) { s.metrics.decision(d) },
+			ObserveWait:    func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) },
+			ObserveRefusal: func(n int) { s.metrics.tainted.Observe(float64(n)) },
 		}
 		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
 			return nil, err
