@@ -217,9 +217,12 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			cancel()
 			code := exitCode(cmd, err)
 			fields := []zap.Field{zap.Int("status", code), zap.Duration("ran", time.Since(started))}
-			if kill == nil && failure == nil {
+			switch {
+			case kill == nil && failure == nil && code != 0:
 				log.Error("the app exited on its own: stopping pgfly", fields...)
-			} else {
+			case kill == nil && failure == nil:
+				log.Info("the app exited on its own with status 0: stopping pgfly", fields...)
+			default:
 				log.Info("the app exited", fields...)
 			}
 			// Whatever the app left behind in its process group goes with it.

@@ -192,6 +192,11 @@ func TestRunChild(t *testing.T) {
 			if code := p.wait(t, 30*time.Second); code != tt.want {
 				t.Errorf("exit status: got %d, want %d", code, tt.want)
 			}
+			// An app that finishes its work and exits 0 is not an error.
+			errorLines := strings.Contains(p.stderr.String(), `"level":"error"`)
+			if errorLines != (tt.want != 0) {
+				t.Errorf("error-level log lines: got %v for status %d, want them only for a failure:\n%s", errorLines, tt.want, p.stderr.String())
+			}
 		})
 	}
 
