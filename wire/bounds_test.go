@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -284,4 +286,41 @@ func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
 	// The relay knows the replica's sessions wrote nothing, and that the primary's did.
 	wantFailures(t, r.events, wire.FailLost, false)
 	wantFailures(t, rw.events, wire.FailLost, true)
+}
+
+func TestFenceStartsSessionsReadOnly(t *testing.T) {
+	var fenced atomic.Bool
+	r := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Fence: fenced.Load})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	table := fmt.Sprintf("fence_%d", time.Now().UnixNano())
+	open := r.connect(t)
+	if _, err := open.Exec(ctx, "create table "+table+" (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { open.Exec(context.Background(), "drop table "+table) })
+
+	fenced.Store(true)
+	// The client asks for read-write itself: the fence wins.
+	conn := r.connect(t, "sslmode=disable", "default_transaction_read_only=off", "application_name=fenced")
+	_, err := conn.Exec(ctx, "insert into "+table+" values (1)")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "25006" {
+		t.Fatalf("insert on a fenced session: got %v, want 25006", err)
+	}
+	if v := r.events.Violations(); len(v) != 1 || v[0].Code != "25006" {
+		t.Fatalf("violations: got %+v, want the one 25006, reported like a standby's", v)
+	}
+	var app string
+	if err := conn.QueryRow(ctx, "show application_name").Scan(&app); err != nil || app != "fenced" {
+		t.Fatalf("the client's other parameters: application_name %q, %v; want fenced", app, err)
+	}
+	// Sessions opened before the fence are not touched; new ones after it are not fenced.
+	if _, err := open.Exec(ctx, "insert into "+table+" values (2)"); err != nil {
+		t.Fatalf("insert on a session opened before the fence: %v", err)
+	}
+	fenced.Store(false)
+	if _, err := r.connect(t).Exec(ctx, "insert into "+table+" values (3)"); err != nil {
+		t.Fatalf("insert once the fence is lifted: %v", err)
+	}
 }

@@ -308,3 +308,32 @@ func (c *chunkReader) Read(b []byte) (int, error) {
 	}
 	return n, nil
 }
+
+func TestWithParam(t *testing.T) {
+	raw := encodeStartup(map[string]string{"user": "app", "default_transaction_read_only": "off", "database": "db"})
+	got, err := startupParams(withParam(raw, "default_transaction_read_only", "on"))
+	if err != nil {
+		t.Fatalf("startupParams of the rewritten packet: %v", err)
+	}
+	want := map[string]string{"user": "app", "database": "db", "default_transaction_read_only": "on"}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	}
+}
+
+// encodeStartup encodes a protocol 3.0 StartupMessage with params.
+func encodeStartup(params map[string]string) []byte {
+	b := make([]byte, 8)
+	binary.BigEndian.PutUint32(b[4:8], protoMajor3<<16)
+	for k, v := range params {
+		b = append(append(append(append(b, k...), 0), v...), 0)
+	}
+	b = append(b, 0)
+	binary.BigEndian.PutUint32(b[0:4], uint32(len(b)))
+	return b
+}

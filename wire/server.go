@@ -60,6 +60,13 @@ type Config struct {
 	// relaying; past it a client is answered FATAL 53300 after its startup packet.
 	// Cancel requests are still forwarded. Negative: no bound.
 	MaxClientConn int
+	// Fence, when set and true at a session's start, starts the session with
+	// default_transaction_read_only=on, whatever the client asked: its writes are then
+	// refused with 25006 like a standby's. For an upstream that should be a standby but is a
+	// primary beside the real one (two primaries), so that writes are replayed to the real
+	// primary instead of splitting the data. A client can still lift it with SET or BEGIN
+	// READ WRITE; it fences apps, not adversaries.
+	Fence func() bool
 }
 
 // Server relays Postgres sessions. Create it with NewServer, then Listen and Serve.

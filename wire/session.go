@@ -89,6 +89,12 @@ func (s *Server) handle(c net.Conn, full bool) {
 		return
 	}
 
+	if s.cfg.Fence != nil && s.cfg.Fence() {
+		ss.startup = withParam(ss.startup, "default_transaction_read_only", "on")
+		s.log.Warn("fenced session: it starts read-only, as the upstream should be a standby and is a primary",
+			zap.String("client", ss.info.ClientAddr), zap.String("upstream", s.upstream.name))
+	}
+
 	up, err := s.upstream.dial(context.Background())
 	if err != nil {
 		s.stats.connectErrors.Add(1)

@@ -79,6 +79,26 @@ func startupParams(raw []byte) (map[string]string, error) {
 	return params, nil
 }
 
+// withParam returns a copy of raw, a StartupMessage that startupParams accepted, with the
+// run-time parameter name set to value: replaced where the client set it, else added.
+func withParam(raw []byte, name, value string) []byte {
+	out := make([]byte, 8, len(raw)+len(name)+len(value)+2)
+	copy(out, raw[:8])
+	b := raw[8:]
+	for len(b) > 0 && b[0] != 0 {
+		k, rest, _ := cbytes(b)
+		v, rest, _ := cbytes(rest)
+		b = rest
+		if string(k) == name {
+			continue
+		}
+		out = append(append(append(append(out, k...), 0), v...), 0)
+	}
+	out = append(append(append(append(out, name...), 0), value...), 0, 0)
+	binary.BigEndian.PutUint32(out[0:4], uint32(len(out)))
+	return out
+}
+
 func cstring(b []byte) (s string, rest []byte, ok bool) {
 	v, rest, ok := cbytes(b)
 	return string(v), rest, ok
