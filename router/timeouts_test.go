@@ -60,7 +60,7 @@ func TestIdleKeepAliveIsClosed(t *testing.T) {
 			cfg := replicaRegion()
 			cfg.IdleTimeout = tc.idle
 			h := start(t, cfg, reader)
-			const conns = 5
+			const conns = 50 // as many as the issue found held
 			type result struct {
 				status int
 				closed bool
