@@ -174,15 +174,23 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 	return nil
 }
 
-// appFailed answers a request whose app response will not be sent: a tainted one is replayed,
-// whatever the app did (answered, failed or timed out); otherwise the app could not be reached.
+// appFailed answers a request whose app response will not be sent: one whose body did not
+// arrive in time gets 408; a tainted one is replayed, whatever the app did (answered, failed
+// or timed out); one the app did not answer within AppTimeout gets 504; otherwise the app could
+// not be reached.
 func (s *Shim) appFailed(w http.ResponseWriter, r *http.Request, err error) {
 	req := requestOf(r)
 	if req != nil {
-		if errors.Is(err, context.Canceled) {
+		late := req.bodyLate()
+		if errors.Is(err, context.Canceled) || late {
 			req.clientGone()
 		}
-		if v, match := req.begin(0); v != nil {
+		v, match := req.begin(0)
+		switch {
+		case late: // the app never had the whole request: nothing to replay
+			s.bodyTimedOut(w, req)
+			return
+		case v != nil:
 			reason := ReasonReadOnly
 			if v.Down {
 				reason = ReasonReplicaDown
@@ -193,6 +201,10 @@ func (s *Shim) appFailed(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	if errors.Is(err, context.Canceled) {
 		return // the client went away
+	}
+	if appTimedOut(err) {
+		s.appTooSlow(w, r)
+		return
 	}
 	s.log.Warn("app unreachable", zap.String("app", s.cfg.App.String()), zap.String("method", r.Method),
 		zap.String("path", r.URL.Path), zap.Error(err))

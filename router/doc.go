@@ -14,6 +14,10 @@
 //   - decision.go: the one replay function, for up-front and tainted requests alike, and the
 //     typed reasons, matches and outcomes the metrics count.
 //   - bookmarks.go: the read-your-writes cookie and the wait for the replica.
+//   - timeouts.go: the bounds on a slow or idle client and a slow app: an idle keep-alive
+//     timeout, a deadline for a whole request body (408), and one for the app's response
+//     headers (504). No timeout bounds a response once it has started, nor an upgraded
+//     connection.
 //   - headers.go: what is kept, added and removed on the way.
 //
 // The shim never replays in the primary region, never replays a request twice, and never

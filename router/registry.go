@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -24,6 +25,9 @@ type request struct {
 	bodyTooLarge bool   // the body exceeded MaxReplayBody and is streamed
 	probe        bool   // a learned write route's request served locally to see if it still writes
 	configured   bool   // it matched --local-routes or --replay-routes: not evidence for learning
+
+	bodyDeadline time.Time   // when its whole body must have arrived; zero for none
+	bodyDone     atomic.Bool // its body has been read to its end
 
 	mu        sync.Mutex
 	started   bool       // the response has been decided and may be on its way

@@ -110,6 +110,18 @@ type Config struct {
 	// ObserveRefusal, when set, is told how many requests in flight each standby refusal
 	// tainted.
 	ObserveRefusal func(tainted int)
+	// ObserveTimeout, when set, is told every request answered 408 or 504 for a timeout.
+	ObserveTimeout func(Timeout)
+
+	// IdleTimeout closes a keep-alive connection that waits this long for its next request
+	// (DefaultIdleTimeout when zero; NoTimeout for none).
+	IdleTimeout time.Duration
+	// BodyTimeout bounds how long a request's whole body may take to arrive, from when the
+	// shim starts serving it (DefaultBodyTimeout when zero; NoTimeout for none).
+	BodyTimeout time.Duration
+	// AppTimeout bounds the wait for the app's response headers once the request has been
+	// sent to it in full (DefaultAppTimeout when zero; NoTimeout for none).
+	AppTimeout time.Duration
 }
 
 // Violation is a standby refusal reported by the Postgres relay.
@@ -133,7 +145,8 @@ type Shim struct {
 	log          *zap.Logger
 	proxy        *httputil.ReverseProxy // to the app
 	primaryProxy *httputil.ReverseProxy // to the primary region, in ModeProxy
-	transport    *http.Transport        // under both
+	transports   []*http.Transport      // under them: the app's, and the primary region's in ModeProxy
+	timeouts     timeouts               // cfg's, resolved
 	routes       *routes                // learned write routes; nil when learning is off
 	replayRoutes *patternCounts         // cfg.ReplayRoutes
 	localRoutes  *patternCounts         // cfg.LocalRoutes
@@ -185,32 +198,43 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	transport := http.DefaultTransport.(*http.Transport).Clone()
-	transport.DisableCompression = true // pass bodies through byte for byte
-	transport.MaxIdleConnsPerHost = 64
-	s := &Shim{cfg: cfg, log: log, inflight: make(map[*request]struct{}), transport: transport,
+	s := &Shim{cfg: cfg, log: log, inflight: make(map[*request]struct{}), timeouts: resolveTimeouts(cfg),
 		replayRoutes: newPatternCounts(cfg.ReplayRoutes), localRoutes: newPatternCounts(cfg.LocalRoutes)}
 	if !cfg.DisableLearning {
 		s.routes = newRoutes(cfg.MaxRoutes)
 	}
+	appTransport := newTransport()
+	appTransport.ResponseHeaderTimeout = s.timeouts.app
+	s.transports = append(s.transports, appTransport)
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:        s.rewrite,
-		Transport:      transport,
+		Transport:      appTransport,
 		FlushInterval:  -1,
 		BufferPool:     copyBuffers{},
 		ModifyResponse: s.modifyResponse,
 		ErrorHandler:   s.appFailed,
 	}
 	if cfg.Mode == ModeProxy {
+		// No response-header timeout toward the primary region: its pgfly bounds its own app,
+		// and answers 504 itself.
+		primaryTransport := newTransport()
+		s.transports = append(s.transports, primaryTransport)
 		s.primaryProxy = &httputil.ReverseProxy{
 			Rewrite:       s.rewriteToPrimary,
-			Transport:     transport,
+			Transport:     primaryTransport,
 			FlushInterval: -1,
 			BufferPool:    copyBuffers{},
 			ErrorHandler:  s.primaryFailed,
 		}
 	}
 	return s, nil
+}
+
+func newTransport() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.DisableCompression = true // pass bodies through byte for byte
+	t.MaxIdleConnsPerHost = 64
+	return t
 }
 
 // Listen binds the HTTP listener, so that Addr reports the port when Listen is ":0".
@@ -243,10 +267,13 @@ func (s *Shim) Serve() error {
 		s.mu.Unlock()
 		return nil
 	}
-	s.srv = &http.Server{Handler: s, ReadHeaderTimeout: 30 * time.Second}
+	// No ReadTimeout or WriteTimeout: each bounds a whole exchange, and would cut server-sent
+	// events, long downloads and upgraded connections. A body has a deadline of its own.
+	s.srv = &http.Server{Handler: s, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: s.timeouts.idle}
 	srv := s.srv
 	s.mu.Unlock()
 	s.log.Info("listening", zap.String("addr", s.ln.Addr().String()), zap.String("app", s.cfg.App.String()),
+		zap.Duration("idle_timeout", s.timeouts.idle), zap.Duration("body_timeout", s.timeouts.body), zap.Duration("app_timeout", s.timeouts.app),
 		zap.String("region", s.cfg.Region), zap.String("primary_region", s.cfg.PrimaryRegion), zap.String("mode", string(s.cfg.Mode)),
 		zap.Bool("learn_routes", s.routes != nil), zap.Stringer("replay_routes", s.cfg.ReplayRoutes), zap.Stringer("local_routes", s.cfg.LocalRoutes))
 	if err := srv.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
@@ -261,7 +288,7 @@ func (s *Shim) Shutdown(ctx context.Context) error {
 	s.closed = true
 	srv := s.srv
 	s.mu.Unlock()
-	defer s.transport.CloseIdleConnections()
+	defer s.closeIdleConnections()
 	if srv == nil {
 		return s.closeListener()
 	}
@@ -274,11 +301,17 @@ func (s *Shim) Close() error {
 	s.closed = true
 	srv := s.srv
 	s.mu.Unlock()
-	defer s.transport.CloseIdleConnections()
+	defer s.closeIdleConnections()
 	if srv == nil {
 		return s.closeListener()
 	}
 	return srv.Close()
+}
+
+func (s *Shim) closeIdleConnections() {
+	for _, t := range s.transports {
+		t.CloseIdleConnections()
+	}
 }
 
 func (s *Shim) closeListener() error {
@@ -322,8 +355,16 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r.Header.Set("traceparent", tp)
 		req.traceID = traceIDOf(tp)
 	}
-	if s.cfg.Mode == ModeProxy && !req.upgrade && r.Body != nil && r.Body != http.NoBody {
+	hasBody := !req.upgrade && r.Body != nil && r.Body != http.NoBody
+	if hasBody && s.timeouts.body > 0 {
+		s.limitBody(w, r, req)
+	}
+	if hasBody && s.cfg.Mode == ModeProxy {
 		if err := s.bufferBody(r, req); err != nil {
+			if req.bodyLate() {
+				s.bodyTimedOut(w, req)
+				return
+			}
 			http.Error(w, "pgfly: reading request body: "+err.Error(), http.StatusBadRequest)
 			return
 		}

@@ -131,6 +131,8 @@ func TestRunRejects(t *testing.T) {
 			want: "something already listens on " + busyApp},
 		{name: "no start timeout", env: map[string]string{"DATABASE_URL": "postgres://app@127.0.0.1:1/app"},
 			args: []string{"--http-listen=", "--app-start-timeout=0s", "--", "true"}, want: "--app-start-timeout"},
+		{name: "a negative shim timeout, as in serve", env: map[string]string{"DATABASE_URL": "postgres://app@127.0.0.1:1/app"},
+			args: []string{"--http-listen=", "--http-body-timeout=-1s", "--", "true"}, want: "--http-body-timeout"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -41,6 +41,9 @@ type serveConfig struct {
 	replayRoutes      string
 	localRoutes       string
 	learnRoutes       bool
+	httpIdleTimeout   time.Duration
+	httpBodyTimeout   time.Duration
+	appTimeout        time.Duration
 	adminListen       string
 	maxLag            time.Duration
 	logLevel          string
@@ -89,6 +92,12 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("local-routes", "PGFLY_LOCAL_ROUTES")
 	fs.BoolVar(&c.learnRoutes, "learn-routes", true, "learn the routes the replica keeps refusing and send them to the primary region before the app runs them")
 	fs.bindEnv("learn-routes", "PGFLY_LEARN_ROUTES")
+	fs.DurationVar(&c.httpIdleTimeout, "http-idle-timeout", router.DefaultIdleTimeout, "how long a keep-alive HTTP connection may wait for its next request before the shim closes it; 0 for no limit")
+	fs.bindEnv("http-idle-timeout", "PGFLY_HTTP_IDLE_TIMEOUT")
+	fs.DurationVar(&c.httpBodyTimeout, "http-body-timeout", router.DefaultBodyTimeout, "how long a whole request body may take to arrive (not a gap between reads) before the shim answers 408 and closes the connection; 0 for no limit")
+	fs.bindEnv("http-body-timeout", "PGFLY_HTTP_BODY_TIMEOUT")
+	fs.DurationVar(&c.appTimeout, "app-timeout", router.DefaultAppTimeout, "how long the app may take to start its answer once it has the whole request before the shim answers 504 (a tainted request is replayed instead); 0 for no limit")
+	fs.bindEnv("app-timeout", "PGFLY_APP_TIMEOUT")
 	fs.StringVar(&c.adminListen, "admin-listen", "127.0.0.1:9187", "where /health and /metrics are served; empty disables them")
 	fs.bindEnv("admin-listen", "PGFLY_ADMIN_LISTEN")
 	fs.DurationVar(&c.maxLag, "max-lag", sidecar.DefaultMaxLag, "replica lag beyond which /health answers 503")
@@ -131,6 +140,9 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		Consistency:       router.Consistency(c.consistency),
 		ConsistencyWait:   c.consistencyWait,
 		DisableLearning:   !c.learnRoutes,
+		HTTPIdleTimeout:   orNoTimeout(c.httpIdleTimeout),
+		HTTPBodyTimeout:   orNoTimeout(c.httpBodyTimeout),
+		AppTimeout:        orNoTimeout(c.appTimeout),
 		AdminListen:       c.adminListen,
 		MaxLag:            c.maxLag,
 	}
@@ -147,7 +159,8 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		flag string
 		v    time.Duration
 	}{{"shutdown-timeout", c.shutdownTimeout}, {"consistency-wait", c.consistencyWait}, {"max-lag", c.maxLag},
-		{"tcp-user-timeout", c.tcpUserTimeout}} {
+		{"tcp-user-timeout", c.tcpUserTimeout}, {"http-idle-timeout", c.httpIdleTimeout}, {"http-body-timeout", c.httpBodyTimeout},
+		{"app-timeout", c.appTimeout}} {
 		if d.v < 0 {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must not be negative", d.v, d.flag)
 		}
@@ -212,6 +225,15 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		return sc, fmt.Errorf("invalid value %q for flag --replay-mode: want fly or proxy", c.replayMode)
 	}
 	return sc, nil
+}
+
+// orNoTimeout turns a timeout flag's 0, which means no limit, into router.NoTimeout: to the
+// router, zero is its default.
+func orNoTimeout(d time.Duration) time.Duration {
+	if d == 0 {
+		return router.NoTimeout
+	}
+	return d
 }
 
 // httpURL parses an http(s) URL flag.

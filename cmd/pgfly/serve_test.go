@@ -1,12 +1,15 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -79,6 +82,18 @@ func TestServeRejectsBadConfiguration(t *testing.T) {
 			[]string{"PGFLY_MAX_MESSAGE_SIZE", "max-message-size"}, ""},
 		{"bad shutdown timeout in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_SHUTDOWN_TIMEOUT=soon"},
 			[]string{"PGFLY_SHUTDOWN_TIMEOUT", "shutdown-timeout"}, ""},
+		{"negative http idle timeout", []string{"--upstream=" + unreachableUpstream, "--http-idle-timeout=-1s"}, nil,
+			[]string{"--http-idle-timeout", "negative"}, ""},
+		{"negative http body timeout", []string{"--upstream=" + unreachableUpstream, "--http-body-timeout=-1ms"}, nil,
+			[]string{"--http-body-timeout", "negative"}, ""},
+		{"negative app timeout", []string{"--upstream=" + unreachableUpstream, "--app-timeout=-30s"}, nil,
+			[]string{"--app-timeout", "negative"}, ""},
+		{"http body timeout not a duration", []string{"--upstream=" + unreachableUpstream, "--http-body-timeout=60"}, nil,
+			[]string{"http-body-timeout", "60"}, ""},
+		{"negative app timeout in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_APP_TIMEOUT=-1m"},
+			[]string{"--app-timeout", "negative"}, ""},
+		{"bad http idle timeout in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_HTTP_IDLE_TIMEOUT=forever"},
+			[]string{"PGFLY_HTTP_IDLE_TIMEOUT", "http-idle-timeout"}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -408,4 +423,190 @@ func (c *rawClient) readUntilReady(tb testing.TB) string {
 	}
 	tb.Fatalf("no ReadyForQuery in 1000 messages")
 	return ""
+}
+
+// TestServeShimTimeouts runs pgfly serve in front of an app on loopback and checks that the
+// shim's timeout flags reach it and act, with generous bounds.
+func TestServeShimTimeouts(t *testing.T) {
+	start := func(t *testing.T, app string, flags ...string) (p *proc, shim, admin string) {
+		t.Helper()
+		shim, admin = freeAddr(t), freeAddr(t)
+		args := append([]string{"serve", "--listen=" + freeAddr(t), "--http-listen=" + shim, "--admin-listen=" + admin,
+			"--upstream=" + unreachableUpstream, "--region=iad", "--primary-region=iad", "--app=http://" + app}, flags...)
+		p = startProc(t, nil, pgflyBin, args...)
+		p.waitListening(t, shim)
+		return p, shim, admin
+	}
+	// shimLine is the shim's "listening" line, which reports its timeouts in milliseconds.
+	shimLine := func(t *testing.T, p *proc, shim string) logEntry {
+		return p.waitLine(t, 10*time.Second, "the shim's listening line", func(l logEntry) bool {
+			return l.Msg == "listening" && l.fields["addr"] == shim
+		})
+	}
+
+	t.Run("flags reach the shim", func(t *testing.T) {
+		for _, tc := range []struct {
+			name            string
+			flags           []string
+			env             []string
+			idle, body, app float64 // milliseconds, 0 for none
+		}{
+			{"defaults", nil, nil, 120000, 60000, 60000},
+			{"set", []string{"--http-idle-timeout=5s", "--http-body-timeout=7s", "--app-timeout=90s"}, nil, 5000, 7000, 90000},
+			{"from the environment", nil, []string{"PGFLY_HTTP_IDLE_TIMEOUT=3s", "PGFLY_HTTP_BODY_TIMEOUT=4s", "PGFLY_APP_TIMEOUT=2m"}, 3000, 4000, 120000},
+			{"0 disables", []string{"--http-idle-timeout=0", "--http-body-timeout=0s", "--app-timeout=0"}, nil, 0, 0, 0},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				shim := freeAddr(t)
+				args := append([]string{"serve", "--listen=" + freeAddr(t), "--http-listen=" + shim, "--admin-listen=",
+					"--upstream=" + unreachableUpstream, "--primary-region=iad"}, tc.flags...)
+				p := startProc(t, tc.env, pgflyBin, args...)
+				l := shimLine(t, p, shim)
+				for field, want := range map[string]float64{"idle_timeout": tc.idle, "body_timeout": tc.body, "app_timeout": tc.app} {
+					if got := l.fields[field]; got != want {
+						t.Errorf("listening line: %s: got %v, want %v ms", field, got, want)
+					}
+				}
+			})
+		}
+	})
+
+	t.Run("they act", func(t *testing.T) {
+		const events = 10
+		appCancelled := make(chan bool, 1)
+		app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/slow":
+				select {
+				case <-r.Context().Done():
+					appCancelled <- true
+				case <-time.After(20 * time.Second):
+					appCancelled <- false
+				}
+			case "/events":
+				io.Copy(io.Discard, r.Body)
+				for i := range events {
+					fmt.Fprintf(w, "data: %d\n\n", i)
+					http.NewResponseController(w).Flush()
+					time.Sleep(150 * time.Millisecond)
+				}
+			default:
+				io.Copy(io.Discard, r.Body)
+				io.WriteString(w, "ok")
+			}
+		}))
+		t.Cleanup(app.Close)
+		p, shim, admin := start(t, app.Listener.Addr().String(),
+			"--http-idle-timeout=300ms", "--http-body-timeout=300ms", "--app-timeout=300ms")
+		shimLine(t, p, shim)
+
+		get := func(t *testing.T, method, url, body string) (int, string) {
+			t.Helper()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			req, err := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatalf("%s %s: %v", method, url, err)
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Fatalf("%s %s: read the answer: %v", method, url, err)
+			}
+			return resp.StatusCode, string(b)
+		}
+
+		t.Run("an idle keep-alive is closed", func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", shim, 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			br := bufio.NewReader(conn)
+			io.WriteString(conn, "GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("first request: %v", err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			_, err = io.Copy(io.Discard, br)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("the idle connection is still open after 10s, want it closed after --http-idle-timeout=300ms")
+			}
+		})
+
+		t.Run("a body trickling in gets 408 or its connection closed", func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", shim, 10*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "POST /upload HTTP/1.1\r\nHost: app.example\r\nContent-Length: 100\r\n\r\n")
+			stop := make(chan struct{})
+			defer close(stop)
+			go func() {
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(100 * time.Millisecond): // 10 bytes/s: no gap near the deadline
+					}
+					if _, err := io.WriteString(conn, "x"); err != nil {
+						return
+					}
+				}
+			}()
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusRequestTimeout {
+					t.Fatalf("got %d %q, want 408", resp.StatusCode, b)
+				}
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("no answer and the connection still open after 10s, want 408 after --http-body-timeout=300ms")
+			}
+		})
+
+		t.Run("a slow app gets 504", func(t *testing.T) {
+			status, body := get(t, http.MethodGet, "http://"+shim+"/slow", "")
+			if status != http.StatusGatewayTimeout || !strings.Contains(body, "--app-timeout") || !strings.Contains(body, app.URL) {
+				t.Fatalf("got %d %q, want 504 naming %s and --app-timeout", status, body, app.URL)
+			}
+			select {
+			case c := <-appCancelled:
+				if !c {
+					t.Error("the app's request was not cancelled, want it cancelled at the timeout")
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("the app's handler did not return")
+			}
+		})
+
+		t.Run("server-sent events outlive the timeouts", func(t *testing.T) {
+			status, body := get(t, http.MethodPost, "http://"+shim+"/events", "subscribe=1")
+			if n := strings.Count(body, "data: "); status != http.StatusOK || n != events {
+				t.Fatalf("got %d with %d events, want 200 with all %d: %q", status, n, events, body)
+			}
+		})
+
+		t.Run("the timeouts are counted", func(t *testing.T) {
+			p.waitFor(t, 10*time.Second, "both timeouts in /metrics", func() bool {
+				_, m := get(t, http.MethodGet, "http://"+admin+"/metrics", "")
+				return strings.Contains(m, `pgfly_http_timeouts_total{timeout="app"} 1`) &&
+					strings.Contains(m, `pgfly_http_timeouts_total{timeout="body"} 1`)
+			})
+		})
+	})
 }

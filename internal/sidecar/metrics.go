@@ -21,6 +21,7 @@ type metrics struct {
 	tainted      prometheus.Histogram
 	// upstreamFailures counts sessions that could not reach the upstream or lost it, by cause.
 	upstreamFailures *prometheus.CounterVec
+	timeouts         *prometheus.CounterVec
 }
 
 func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
@@ -48,13 +49,17 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 			Help:    "HTTP requests in flight that each standby refusal could belong to and so tainted (1 for a precise match).",
 			Buckets: []float64{0, 1, 2, 4, 8, 16, 32, 64},
 		}),
+		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pgfly_http_timeouts_total",
+			Help: "HTTP requests the shim answered for a timeout, by timeout (body: 408, the request body did not arrive within --http-body-timeout; app: 504, the app did not start its answer within --app-timeout).",
+		}, []string{"timeout"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.upstreamFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pgfly_upstream_failures_total",
 		Help: "Client sessions for which the relay could not reach the upstream or lost it, by cause (connect, login timeout, shutdown: a FATAL 57P, lost).",
 	}, []string{"cause"})
-	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures)
+	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures, m.timeouts)
 	stat := func(f func(wire.Stats) uint64) func() float64 {
 		return func() float64 { return float64(f(relay.Stats())) }
 	}

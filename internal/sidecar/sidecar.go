@@ -48,6 +48,10 @@ type Config struct {
 	ReplayRoutes      router.RoutePatterns // sent to the primary region before the app runs them
 	LocalRoutes       router.RoutePatterns // never learned nor replayed up front
 	DisableLearning   bool                 // no learned write routes
+	// The shim's timeouts: zero is the router's default, router.NoTimeout none.
+	HTTPIdleTimeout time.Duration // a keep-alive connection waiting for its next request
+	HTTPBodyTimeout time.Duration // a whole request body arriving
+	AppTimeout      time.Duration // the app's response headers, once it has the request
 
 	// Admin side; AdminListen "" disables /health and /metrics.
 	AdminListen string
@@ -107,6 +111,10 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			Observe:        func(d router.Decision) { s.metrics.decision(d) },
 			ObserveWait:    func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) },
 			ObserveRefusal: func(n int) { s.metrics.tainted.Observe(float64(n)) },
+			ObserveTimeout: func(t router.Timeout) { s.metrics.timeouts.WithLabelValues(string(t)).Inc() },
+			IdleTimeout:    cfg.HTTPIdleTimeout,
+			BodyTimeout:    cfg.HTTPBodyTimeout,
+			AppTimeout:     cfg.AppTimeout,
 		}
 		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
 			return nil, err
