@@ -97,20 +97,32 @@ const (
 	fuzzMax     = 4096
 )
 
-// fuzzWatch and fuzzNeedBody mark the types FuzzPump inspects: the server messages the
-// session decodes (read whole), and 'Q', inspected like a client's Query but streamed
-// when large.
-var fuzzWatch, fuzzNeedBody = func() (w, nb [256]bool) {
-	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z'} {
-		w[t], nb[t] = true, true
+// fuzzWatch is the types FuzzPump inspects, as one side of a session does: the server's
+// side (readWhole) decodes 'R', 'K', 'E', 'C' and 'Z' and reads them whole; the client's
+// side looks at 'Q' and streams it when large.
+func fuzzWatch(readWhole bool) *[256]bool {
+	if readWhole {
+		return &fuzzServerWatch
 	}
-	w['Q'] = true
-	return w, nb
+	return &fuzzClientWatch
+}
+
+var fuzzServerWatch, fuzzClientWatch = func() (server, client [256]bool) {
+	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z'} {
+		server[t] = true
+	}
+	client['Q'] = true
+	return server, client
 }()
 
-// fuzzInspect decodes the watched types the way session does. It is used both by the pump
-// under test and by the reference model, so it must be deterministic.
-func fuzzInspect(typ byte, msg []byte, whole bool) ([]byte, error) {
+// fuzzInspector decodes the watched types the way session does, for a pump that reads large
+// messages whole or not. It is used both by the pump under test and by the reference model,
+// so it must be deterministic.
+func fuzzInspector(readWhole bool) inspectFunc {
+	return func(typ byte, msg []byte, whole bool) ([]byte, error) { return fuzzInspect(typ, msg, whole, readWhole) }
+}
+
+func fuzzInspect(typ byte, msg []byte, whole, readWhole bool) ([]byte, error) {
 	if len(msg) < headerLen || msg[0] != typ {
 		return nil, fmt.Errorf("inspect got %q for type %q, want a message of that type", msg, typ)
 	}
@@ -118,7 +130,7 @@ func fuzzInspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 	if whole && len(msg) != 1+n {
 		return nil, fmt.Errorf("inspect got %d bytes of a whole message of length %d", len(msg), n)
 	}
-	if !whole && (len(msg) > 1+n || fuzzNeedBody[typ]) {
+	if !whole && (len(msg) > 1+n || readWhole) {
 		return nil, fmt.Errorf("inspect got a partial %q message of %d bytes, length %d", typ, len(msg), n)
 	}
 	body := msg[headerLen:]
@@ -164,18 +176,19 @@ func fuzzInspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 // messages, plus the partial one only when it was being streamed.
 func FuzzPump(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, chunk uint8) {
+		readWhole := chunk&0x80 != 0 // the server's side; the low bits are the read size
 		var dst bytes.Buffer
 		p := &pump{
-			src:      &chunkReader{data: data, chunk: 1 + int(chunk)},
-			dst:      &dst,
-			buf:      make([]byte, fuzzBufSize),
-			max:      fuzzMax,
-			watch:    &fuzzWatch,
-			needBody: &fuzzNeedBody,
-			inspect:  fuzzInspect,
+			src:       &chunkReader{data: data, chunk: 1 + int(chunk&0x7f)},
+			dst:       &dst,
+			buf:       make([]byte, fuzzBufSize),
+			max:       fuzzMax,
+			watch:     fuzzWatch(readWhole),
+			readWhole: readWhole,
+			inspect:   fuzzInspector(readWhole),
 		}
 		err := p.run()
-		want := modelPump(data)
+		want := modelPump(data, readWhole)
 
 		if p.n != int64(dst.Len()) {
 			t.Fatalf("pump counted %d bytes, wrote %d", p.n, dst.Len())
@@ -234,7 +247,7 @@ type pumpModel struct {
 }
 
 // modelPump frames the whole input at once with the pump's rules.
-func modelPump(data []byte) pumpModel {
+func modelPump(data []byte, readWhole bool) pumpModel {
 	var m pumpModel
 	pos := 0
 	for {
@@ -256,16 +269,16 @@ func modelPump(data []byte) pumpModel {
 		}
 		if len(rest) < 1+n {
 			m.end = endTruncated
-			m.streamed = 1+n > fuzzBufSize && !(fuzzWatch[typ] && fuzzNeedBody[typ])
+			m.streamed = 1+n > fuzzBufSize && !(fuzzWatch(readWhole)[typ] && readWhole)
 			return m
 		}
 		msg := rest[:1+n]
 		// A large message of a type not read whole is inspected by its head only, which
 		// fuzzInspect accepts; any other watched message is inspected whole.
 		var repl []byte
-		if fuzzWatch[typ] && (1+n <= fuzzBufSize || fuzzNeedBody[typ]) {
+		if fuzzWatch(readWhole)[typ] && (1+n <= fuzzBufSize || readWhole) {
 			var err error
-			if repl, err = fuzzInspect(typ, msg, true); err != nil {
+			if repl, err = fuzzInspect(typ, msg, true, readWhole); err != nil {
 				m.end = endProtocol
 				return m
 			}

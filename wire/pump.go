@@ -49,18 +49,21 @@ type inspectFunc func(typ byte, msg []byte, whole bool) (replacement []byte, err
 // pump copies the messages of one direction of a session from src to dst.
 //
 // It peeks each 5-byte header, forwards raw bytes, and writes every complete message it has
-// buffered in one Write. Only types marked in watch are passed to inspect, and only types in
-// needBody are ever read whole when larger than the buffer; everything else larger than the
-// buffer is streamed through without being held.
+// buffered in one Write. Only types marked in watch are passed to inspect; a watched message
+// larger than the buffer is read whole only when readWhole is set, and everything else larger
+// than the buffer is streamed through without being held.
 type pump struct {
-	src      io.Reader
-	dst      io.Writer
-	buf      []byte // owned by the pump for its whole life
-	max      int    // largest accepted value of a message's length field
-	watch    *[256]bool
-	needBody *[256]bool
-	inspect  inspectFunc
-	total    *atomic.Uint64 // the server's running byte count for this direction
+	src   io.Reader
+	dst   io.Writer
+	buf   []byte // owned by the pump for its whole life
+	max   int    // largest accepted value of a message's length field
+	watch *[256]bool
+	// readWhole is set on the server's side, whose watched types are small and rare. The
+	// client's side streams: reading a large message whole would let a client make the relay
+	// allocate whatever its length field declares (up to max) with a 5-byte header.
+	readWhole bool
+	inspect   inspectFunc
+	total     *atomic.Uint64 // the server's running byte count for this direction
 
 	// Written by run, read by the session after run has returned.
 	n          int64 // bytes written to dst
@@ -144,7 +147,7 @@ func (p *pump) run() error {
 // p.buf[pos:w] bytes are buffered and nothing before them is pending.
 func (p *pump) large(typ byte, pos, w, size int) error {
 	head := p.buf[pos:w]
-	if p.watch[typ] && p.needBody[typ] {
+	if p.watch[typ] && p.readWhole {
 		msg := make([]byte, size) // bounded by p.max, and only for rare message types
 		copy(msg, head)
 		if _, err := io.ReadFull(p.src, msg[len(head):]); err != nil {

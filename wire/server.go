@@ -77,11 +77,6 @@ type Server struct {
 	log      *zap.Logger
 	watchIn  [256]bool // client message types the relay acts on
 	watchOut [256]bool // server message types the relay acts on
-	needBody [256]bool // server message types read whole even when larger than the buffer
-	// noBody is the client side's needBody: empty, because inspectClient never needs a
-	// large message whole. Reading one whole would let a client make the relay allocate
-	// whatever its length field declares (up to MaxMessageSize) with a 5-byte header.
-	noBody [256]bool
 
 	ln     net.Listener
 	nextID atomic.Uint64
@@ -144,7 +139,6 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	}
 	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H'} {
 		s.watchOut[t] = true
-		s.needBody[t] = true
 	}
 	return s, nil
 }

@@ -223,21 +223,17 @@ func (ss *session) relay() SessionEnd {
 	}
 	ss.login.arm()
 	in := &pump{src: ss.client, dst: ss.upstream, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, needBody: &ss.srv.noBody, inspect: ss.inspectClient,
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, inspect: ss.inspectClient,
 		total: &ss.srv.stats.bytesIn}
 	out := &pump{src: ss.upstream, dst: ss.client, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, needBody: &ss.srv.needBody, inspect: ss.inspectServer,
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, readWhole: true, inspect: ss.inspectServer,
 		total: &ss.srv.stats.bytesOut}
 	in.n = int64(len(ss.startup))
 	ss.srv.stats.bytesIn.Add(uint64(len(ss.startup)))
 
-	type result struct {
-		fromClient bool
-		err        error
-	}
-	done := make(chan result, 2)
-	go func() { done <- result{true, in.run()} }()
-	go func() { done <- result{false, out.run()} }()
+	done := make(chan pumpResult, 2)
+	go copyClientToUpstream(in, done)
+	go copyUpstreamToClient(out, done)
 	first := <-done
 	ss.stop(nil) // unblock the other reader; the connections stay writable
 	<-done
@@ -301,6 +297,18 @@ func (ss *session) failed(cause, msg string, tell func(code, msg string)) {
 		Code: codeConnectionFailure, Message: msg, Wrote: ss.committed || ss.wrote})
 	tell(codeConnectionFailure, msg)
 }
+
+// pumpResult is how a copy goroutine ended.
+type pumpResult struct {
+	fromClient bool
+	err        error
+}
+
+// copyClientToUpstream and copyUpstreamToClient are the session's two copy goroutines, named
+// so that a goroutine dump says which direction each one is.
+func copyClientToUpstream(p *pump, done chan<- pumpResult) { done <- pumpResult{true, p.run()} }
+
+func copyUpstreamToClient(p *pump, done chan<- pumpResult) { done <- pumpResult{false, p.run()} }
 
 // stop makes both copy goroutines return soon: it expires their read deadlines, which keeps
 // the connections writable for a last error message. The first cause wins.
