@@ -141,6 +141,40 @@ type Status struct {
 	// CheckedAt is when the last upstream poll finished; zero before the
 	// first.
 	CheckedAt time.Time
+	// SystemID is the upstream's system identifier (pg_control_system()),
+	// 0 while it is down. A streaming replica has its primary's.
+	SystemID uint64
+	// Timeline is the upstream's timeline, 0 while it is down or unknown. On
+	// a primary it is the timeline it writes, exact. On a replica it is its
+	// WAL receiver's timeline when the monitor's role may see it (a
+	// superuser or pg_read_all_stats), else the timeline of its last
+	// restartpoint, which trails a switch to a new timeline until the next
+	// restartpoint.
+	Timeline uint32
+	// PrimarySystemID and PrimaryTimeline are the configured primary's as its
+	// last poll found them (a primary in recovery included), 0 when unknown;
+	// when no primary distinct from the upstream is configured and the
+	// upstream is a primary, they are the upstream's.
+	PrimarySystemID uint64
+	PrimaryTimeline uint32
+	// TwoPrimaries reports a split brain: the upstream is not in recovery,
+	// and the configured primary, a different server (another system
+	// identifier, another timeline, or another postmaster: one server
+	// reached by two addresses is not two), accepts writes too, as after a
+	// replica was promoted while the primary still runs. Writes through this
+	// region's upstream would then diverge from the primary's: sessions
+	// started while it is true should be fenced (e.g. started with
+	// default_transaction_read_only=on, so that their writes are refused and
+	// replayed in the primary region), and /health answers 503
+	// two_primaries. It is set once a poll of each server sent after the
+	// conflict was first seen shows it too (about DownInterval later), stays
+	// set while either server is unreachable, and ends with a pair of polls
+	// without conflict or an upstream seen in recovery. It is never true
+	// without a configured primary at another address than the upstream.
+	TwoPrimaries bool
+	// TwoPrimariesReason says which servers are two primaries and how they
+	// differ, while TwoPrimaries is true; "" otherwise.
+	TwoPrimariesReason string
 }
 
 // Monitor polls the upstream and the primary and serves Status, WaitFor and
@@ -162,8 +196,13 @@ type Monitor struct {
 	up      serverState
 	replays replayHistory // the upstream's recent replay positions while it is an up replica
 	pri     serverState
-	status  Status
-	waiters waiterHeap
+	// twoPrimaries is why the upstream and the primary are two primaries, ""
+	// when they are not; conflictSeen is when a conflict not yet confirmed
+	// was first seen. See checkPrimaries.
+	twoPrimaries string
+	conflictSeen time.Time
+	status       Status
+	waiters      waiterHeap
 }
 
 // New validates cfg and returns a Monitor that has not connected yet; Start
@@ -504,9 +543,15 @@ func (m *Monitor) snapshot() Status {
 	if m.up.err != nil {
 		s.UpstreamError = m.up.err.Error()
 	}
-	if m.primary != nil && m.pri.up() && m.pri.role == RolePrimary {
-		s.PrimaryUp = true
-		s.PrimaryLSN = m.pri.lsn
+	s.TwoPrimaries = m.twoPrimaries != ""
+	s.TwoPrimariesReason = m.twoPrimaries
+	if m.primary != nil && m.pri.up() {
+		s.PrimarySystemID = m.pri.id.systemID
+		s.PrimaryTimeline = m.pri.id.timeline
+		if m.pri.role == RolePrimary {
+			s.PrimaryUp = true
+			s.PrimaryLSN = m.pri.lsn
+		}
 	}
 	if !upOK {
 		return s
@@ -515,10 +560,16 @@ func (m *Monitor) snapshot() Status {
 	s.Role = m.up.role
 	s.ReplayLSN = m.up.lsn
 	s.ReplayPaused = m.up.paused
+	s.SystemID = m.up.id.systemID
+	s.Timeline = m.up.id.timeline
 	switch {
 	case s.Role == RolePrimary:
 		s.PrimaryUp = true
 		s.PrimaryLSN = s.ReplayLSN
+		if m.primary == nil {
+			s.PrimarySystemID = s.SystemID
+			s.PrimaryTimeline = s.Timeline
+		}
 		s.LagBytes = 0
 		s.LagSeconds = 0
 	case s.PrimaryUp && s.ReplayLSN >= s.PrimaryLSN:

@@ -13,16 +13,26 @@ import (
 // pollQuery is the one query of every poll, of the upstream and of the
 // primary alike: the role, the replay (or, on a primary, the write) position,
 // the age of the last replayed commit, the receive position (NULL on a
-// primary and without a WAL receiver) and whether replay is paused.
-// pg_is_wal_replay_paused() is also true while a pause is requested but not
-// yet reached (PG14 and later), which is the same for a waiter: replay stops
-// before the next record. It fails outside recovery, hence the CASE. LSNs
-// come back as text because pgx has no pg_lsn type.
+// primary and without a WAL receiver), whether replay is paused, and the
+// server's identity (see identity). pg_is_wal_replay_paused() is also true
+// while a pause is requested but not yet reached (PG14 and later), which is
+// the same for a waiter: replay stops before the next record. It and
+// pg_walfile_name() fail on the wrong side of recovery, hence the CASEs. LSNs
+// come back as text because pgx has no pg_lsn type. A primary's timeline is
+// the first 8 hex digits of its current WAL file's name; a standby's is its
+// WAL receiver's (visible to roles with pg_read_all_stats), else that of its
+// last restartpoint. Every function here is executable by any login role.
 const pollQuery = `select pg_is_in_recovery(),
 	(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text,
 	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
 	pg_last_wal_receive_lsn()::text,
-	case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end`
+	case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end,
+	(select system_identifier from pg_control_system()),
+	case when pg_is_in_recovery()
+		then coalesce((select received_tli from pg_stat_wal_receiver), (select timeline_id from pg_control_checkpoint()))::bigint
+		else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+	end,
+	pg_postmaster_start_time()`
 
 // serverState is what the last poll of one server found.
 type serverState struct {
@@ -39,6 +49,7 @@ type serverState struct {
 	// replayedAll: a replica has replayed all the WAL it has received. Without a primary to
 	// compare with, that is the best sign that it is not behind while the primary is idle.
 	replayedAll bool
+	id          identity
 }
 
 // up reports whether the last poll succeeded.
@@ -153,11 +164,15 @@ func (m *Monitor) poll(p *poller) bool {
 		replayAge    *float64
 		receivedText *string
 		paused       bool
+		systemID     int64
+		timeline     *int64
 		lsn          LSN
 		received     LSN
+		id           identity
 	)
 	started := time.Now()
-	err := p.conns.queryRow(ctx, pollQuery, &inRecovery, &lsnText, &replayAge, &receivedText, &paused)
+	err := p.conns.queryRow(ctx, pollQuery, &inRecovery, &lsnText, &replayAge, &receivedText, &paused,
+		&systemID, &timeline, &id.started)
 	cancel()
 	p.polls.Add(1)
 	if m.ctx.Err() != nil {
@@ -177,6 +192,11 @@ func (m *Monitor) poll(p *poller) bool {
 		}
 		cur.lsn = lsn
 		cur.replayAge = replayAge
+		id.systemID = uint64(systemID) // a bigint in SQL, unsigned in pg_control
+		if timeline != nil {
+			id.timeline = uint32(*timeline)
+		}
+		cur.id = id
 		if inRecovery {
 			cur.received = received
 			cur.paused = paused
@@ -210,6 +230,9 @@ func (m *Monitor) publish(p *poller, cur serverState) {
 			m.replays.reset()
 		}
 	}
+	wasTwo := m.twoPrimaries
+	m.checkPrimaries(cur.checkedAt)
+	two := m.twoPrimaries
 	m.status = m.snapshot()
 	if p == m.upstream && cur.err == nil {
 		for m.waiters.Len() > 0 && m.waiters[0].lsn <= cur.lsn {
@@ -219,6 +242,7 @@ func (m *Monitor) publish(p *poller, cur serverState) {
 	}
 	m.mu.Unlock()
 	p.logChange(m.log, prev, cur)
+	m.logPrimaries(wasTwo, two)
 }
 
 // logChange logs what changed between two polls of p's server: one line
