@@ -354,14 +354,19 @@ func (m *Monitor) Polls() uint64 {
 // SuspectDown tells the Monitor that something (a client session that could
 // not reach the upstream, or lost it) suggests the upstream is down, so that
 // it polls the upstream now instead of at its next Interval, and the Status
-// (and /health) says so within one poll. It never blocks and is safe to call
-// from any number of sessions at once: calls coalesce, and the polls they
-// cause are at least DownInterval apart (a thousand sessions failing at once
-// cost one poll, a client retrying in a loop at most one per DownInterval).
-// While the Monitor already sees the upstream down it changes nothing, since
-// the upstream is then probed every DownInterval anyway. Before Start the
-// call is remembered for the first poll, which comes at once anyway; after
-// Close it does nothing.
+// (and /health) says so as soon as that poll fails: at once for a server
+// that refuses or has gone away, after QueryTimeout for one that hangs. From
+// then on the upstream is probed every DownInterval until it answers.
+//
+// It never blocks and is safe to call from any number of sessions at once:
+// calls coalesce, and a poll they cause starts no sooner than DownInterval
+// after the previous poll ended, so a thousand sessions failing at once cost
+// one poll (and one more if some fail while it runs, since its answer may
+// predate their failure), and clients failing in a loop at most one poll per
+// DownInterval. While the Monitor already sees the upstream down a call
+// changes nothing. Calls before Start are served by the first poll, which
+// comes at once anyway; after Close a call does nothing. It concerns the
+// upstream only: the primary is polled on its own schedule.
 func (m *Monitor) SuspectDown() {
 	signal(m.upstream.soon)
 }

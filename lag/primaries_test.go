@@ -1,8 +1,6 @@
 package lag_test
 
 import (
-	"io"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +20,7 @@ func TestTwoPrimaries(t *testing.T) {
 	c := pgtest.Start(t, pgcluster.Options{})
 	// The primary through another address, as Fly's HAProxy in front of the
 	// leader beside the member's own port.
-	viaProxy := strings.Replace(monitorURL(c.Primary), c.Primary.Addr(), proxy(t, c.Primary.Addr()), 1)
+	viaProxy := strings.Replace(monitorURL(c.Primary), c.Primary.Addr(), pgtest.Proxy(t, c.Primary.Addr()), 1)
 
 	core, logs := observer.New(zap.InfoLevel)
 	split := startMonitorLog(t, lag.Config{Upstream: monitorURL(c.Replica), Primary: monitorURL(c.Primary), Interval: fast},
@@ -95,36 +93,4 @@ func TestTwoPrimaries(t *testing.T) {
 			t.Errorf("got %+v, want two primaries still: an unreachable primary may still take writes", st)
 		}
 	})
-}
-
-// proxy forwards connections from a loopback address of its own to addr
-// until the test ends, and returns its host:port.
-func proxy(tb testing.TB, addr string) string {
-	tb.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			client, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer client.Close()
-				server, err := net.Dial("tcp", addr)
-				if err != nil {
-					return
-				}
-				defer server.Close()
-				done := make(chan struct{}, 2)
-				go func() { io.Copy(server, client); done <- struct{}{} }()
-				go func() { io.Copy(client, server); done <- struct{}{} }()
-				<-done
-			}()
-		}
-	}()
-	return l.Addr().String()
 }
