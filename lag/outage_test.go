@@ -101,6 +101,7 @@ func TestSuspectDown(t *testing.T) {
 
 	t.Run("a stopped replica is seen down once a session suspects it, and up again once it is back", func(t *testing.T) {
 		quiet(t)
+		before := m.Status()
 		if err := c.Replica.Stop(); err != nil {
 			t.Fatal(err)
 		}
@@ -119,8 +120,8 @@ func TestSuspectDown(t *testing.T) {
 		started := time.Now()
 		up := waitStatus(t, m, 10*time.Second, "upstream up again", func(st lag.Status) bool { return st.UpstreamUp })
 		t.Logf("up again %v after Start returned", time.Since(started).Round(time.Millisecond))
-		if up.Role != lag.RoleReplica || up.UpstreamError != "" {
-			t.Errorf("got %+v, want a replica and no error", up)
+		if up.Role != lag.RoleReplica || up.UpstreamError != "" || up.SystemID == 0 || up.SystemID != before.SystemID {
+			t.Errorf("got %+v, want a replica, no error and the system id of before (%d)", up, before.SystemID)
 		}
 	})
 }

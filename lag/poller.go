@@ -13,26 +13,39 @@ import (
 // pollQuery is the one query of every poll, of the upstream and of the
 // primary alike: the role, the replay (or, on a primary, the write) position,
 // the age of the last replayed commit, the receive position (NULL on a
-// primary and without a WAL receiver), whether replay is paused, and the
-// server's identity (see identity). pg_is_wal_replay_paused() is also true
-// while a pause is requested but not yet reached (PG14 and later), which is
-// the same for a waiter: replay stops before the next record. It and
+// primary and without a WAL receiver), whether replay is paused, the
+// timeline and the postmaster's start time. pg_is_wal_replay_paused() is also
+// true while a pause is requested but not yet reached (PG14 and later), which
+// is the same for a waiter: replay stops before the next record. It and
 // pg_walfile_name() fail on the wrong side of recovery, hence the CASEs. LSNs
 // come back as text because pgx has no pg_lsn type. A primary's timeline is
-// the first 8 hex digits of its current WAL file's name; a standby's is its
-// WAL receiver's (visible to roles with pg_read_all_stats), else that of its
-// last restartpoint. Every function here is executable by any login role.
+// the first 8 hex digits of its current WAL file's name, exact; a standby's
+// is its WAL receiver's, NULL unless the role may see it (a superuser or
+// pg_read_all_stats). Nothing here reads the control file (identityQuery
+// does, rarely): it runs every WaitInterval while WaitFor waits.
 const pollQuery = `select pg_is_in_recovery(),
 	(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text,
 	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
 	pg_last_wal_receive_lsn()::text,
 	case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end,
-	(select system_identifier from pg_control_system()),
 	case when pg_is_in_recovery()
-		then coalesce((select received_tli from pg_stat_wal_receiver), (select timeline_id from pg_control_checkpoint()))::bigint
+		then (select received_tli from pg_stat_wal_receiver)::bigint
 		else ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
 	end,
 	pg_postmaster_start_time()`
+
+// identityQuery reads the control file: the system identifier, and the
+// timeline of the last checkpoint (on a standby, restartpoint), which stands
+// for a standby's timeline when its WAL receiver's is hidden and trails a
+// switch to a new timeline until the next restartpoint. A poller runs it when
+// a poll finds a server it has not identified (a new postmaster start time),
+// and otherwise at most every Interval while something is missing, never
+// every poll: the control file is read from disk, and older releases read it
+// without ControlFileLock, so that a read torn by a concurrent write (a
+// standby rewrites it every few seconds while it flushes data) fails its CRC
+// check. Its failure does not fail the poll.
+const identityQuery = `select (select system_identifier from pg_control_system()),
+	(select timeline_id from pg_control_checkpoint())::bigint`
 
 // serverState is what the last poll of one server found.
 type serverState struct {
@@ -68,6 +81,12 @@ type poller struct {
 	waiter    chan struct{} // a WaitFor arrived: poll every WaitInterval (upstream only)
 	soon      chan struct{} // poll within DownInterval of the last poll: SuspectDown
 	polls     atomic.Uint64
+
+	// What identityQuery last found; only p's loop touches these.
+	id         identity  // systemID 0 when unknown; timeline is the checkpoint's
+	idTried    time.Time // when it last ran, whether it worked or not
+	idTriedFor time.Time // the postmaster start time it last ran for
+	idWarned   bool      // its failure was logged
 }
 
 // newPoller returns a poller of the server at addr over conns.
@@ -164,15 +183,14 @@ func (m *Monitor) poll(p *poller) bool {
 		replayAge    *float64
 		receivedText *string
 		paused       bool
-		systemID     int64
 		timeline     *int64
+		pmStart      time.Time
 		lsn          LSN
 		received     LSN
-		id           identity
 	)
 	started := time.Now()
 	err := p.conns.queryRow(ctx, pollQuery, &inRecovery, &lsnText, &replayAge, &receivedText, &paused,
-		&systemID, &timeline, &id.started)
+		&timeline, &pmStart)
 	cancel()
 	p.polls.Add(1)
 	if m.ctx.Err() != nil {
@@ -192,11 +210,7 @@ func (m *Monitor) poll(p *poller) bool {
 		}
 		cur.lsn = lsn
 		cur.replayAge = replayAge
-		id.systemID = uint64(systemID) // a bigint in SQL, unsigned in pg_control
-		if timeline != nil {
-			id.timeline = uint32(*timeline)
-		}
-		cur.id = id
+		cur.id = m.identify(p, pmStart, timeline)
 		if inRecovery {
 			cur.received = received
 			cur.paused = paused
@@ -205,6 +219,39 @@ func (m *Monitor) poll(p *poller) bool {
 	}
 	m.publish(p, cur)
 	return err == nil
+}
+
+// identify returns the identity of p's server, which a poll found started at
+// pmStart and on timeline (nil when hidden), running identityQuery when it
+// must (see there). Unknown parts are zero.
+func (m *Monitor) identify(p *poller, pmStart time.Time, timeline *int64) identity {
+	known := p.id.started.Equal(pmStart)
+	stale := !known || p.id.systemID == 0 || timeline == nil
+	if !p.idTriedFor.Equal(pmStart) || stale && time.Since(p.idTried) >= m.cfg.Interval {
+		p.idTried, p.idTriedFor = time.Now(), pmStart
+		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.QueryTimeout)
+		var systemID, checkpointTLI int64
+		err := p.conns.queryRow(ctx, identityQuery, &systemID, &checkpointTLI)
+		cancel()
+		switch {
+		case err == nil:
+			// A bigint in SQL, unsigned in pg_control.
+			p.id = identity{systemID: uint64(systemID), timeline: uint32(checkpointTLI), started: pmStart}
+			known = true
+		case m.ctx.Err() == nil && !p.idWarned:
+			p.idWarned = true
+			m.log.Warn(p.name+": cannot read the system identifier; two primaries are told apart by timeline and start time only",
+				zap.String(p.name, p.addr), zap.Error(err))
+		}
+	}
+	id := identity{started: pmStart}
+	if known {
+		id.systemID, id.timeline = p.id.systemID, p.id.timeline
+	}
+	if timeline != nil {
+		id.timeline = uint32(*timeline)
+	}
+	return id
 }
 
 // publish makes cur the last state of p's server: it refreshes the Status,

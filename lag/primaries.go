@@ -15,8 +15,8 @@ import (
 // port and a proxy such as Fly's HAProxy in front of the leader) has one
 // identity, however it is reached.
 type identity struct {
-	systemID uint64    // pg_control_system().system_identifier
-	timeline uint32    // see pollQuery; 0 when unknown
+	systemID uint64    // pg_control_system().system_identifier; 0 when unknown (not compared)
+	timeline uint32    // see pollQuery and identityQuery; 0 when unknown
 	started  time.Time // pg_postmaster_start_time()
 }
 
@@ -30,7 +30,7 @@ func (m *Monitor) conflict(up, pri serverState) string {
 	a, b := up.id, pri.id
 	where := fmt.Sprintf("the upstream %s and the primary %s are both primaries", m.upstream.addr, m.primary.addr)
 	switch {
-	case a.systemID != b.systemID:
+	case a.systemID != 0 && b.systemID != 0 && a.systemID != b.systemID:
 		return fmt.Sprintf("%s, of different systems (%d and %d)", where, a.systemID, b.systemID)
 	case a.timeline != b.timeline:
 		return fmt.Sprintf("%s of system %d, on timelines %d and %d: a promoted replica beside a primary that still runs",

@@ -94,3 +94,32 @@ func TestTwoPrimaries(t *testing.T) {
 		}
 	})
 }
+
+// TestSystemIDHidden revokes pg_control_system() from the monitor's role on the shared cluster
+// (and gives it back): polls still succeed, without a system identifier, and one warning says
+// so.
+func TestSystemIDHidden(t *testing.T) {
+	primary := connect(t, superuserURL(cluster.Primary), nil)
+	exec(t, primary, "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+	t.Cleanup(func() {
+		exec(t, primary, "GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC")
+		waitReplayed(t)
+	})
+	waitReplayed(t)
+
+	core, logs := observer.New(zap.InfoLevel)
+	m := startMonitorLog(t, lag.Config{Upstream: monitorURL(cluster.Replica), Primary: monitorURL(cluster.Primary), Interval: fast},
+		zap.New(zapcore.NewTee(core, testLogger(t).Core())))
+	polls := m.Polls()
+	waitStatus(t, m, 10*time.Second, "20 more polls", func(lag.Status) bool { return m.Polls() >= polls+20 })
+	st := m.Status()
+	if !st.UpstreamUp || !st.PrimaryUp || st.UpstreamError != "" {
+		t.Errorf("got %+v, want both servers up", st)
+	}
+	if st.SystemID != 0 || st.PrimarySystemID != 0 || st.PrimaryTimeline != 1 || st.TwoPrimaries {
+		t.Errorf("got %+v, want no system ids, the primary's timeline 1 and no two primaries", st)
+	}
+	if n := logs.FilterMessageSnippet("cannot read the system identifier").Len(); n != 2 {
+		t.Errorf("%d warnings about the system identifier, want 2 (one per server)", n)
+	}
+}
