@@ -34,7 +34,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		{name: "primary not a URL", cfg: lag.Config{Upstream: good, Primary: "postgres://user:secret-pw@127.0.0.1:notaport/db"}},
 		{name: "negative interval", cfg: lag.Config{Upstream: good, Interval: -time.Second}},
 		{name: "negative wait interval", cfg: lag.Config{Upstream: good, WaitInterval: -time.Millisecond}},
-		{name: "negative max backoff", cfg: lag.Config{Upstream: good, MaxBackoff: -time.Second}},
+		{name: "negative down interval", cfg: lag.Config{Upstream: good, DownInterval: -time.Second}},
 		{name: "negative query timeout", cfg: lag.Config{Upstream: good, QueryTimeout: -time.Second}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -567,10 +567,10 @@ func TestServerDownAndBack(t *testing.T) {
 		core, logs := observer.New(zap.InfoLevel)
 		log := zap.New(zapcore.NewTee(core, testLogger(t).Core()))
 		m := startMonitorLog(t, lag.Config{
-			Upstream:   monitorURL(c.Replica),
-			Primary:    monitorURL(c.Primary),
-			Interval:   fast,
-			MaxBackoff: 200 * time.Millisecond,
+			Upstream:     monitorURL(c.Replica),
+			Primary:      monitorURL(c.Primary),
+			Interval:     fast,
+			DownInterval: 200 * time.Millisecond,
 		}, log)
 		waitStatus(t, m, 10*time.Second, "upstream up", func(st lag.Status) bool { return st.UpstreamUp })
 

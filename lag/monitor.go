@@ -8,7 +8,6 @@ import (
 	"net"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -24,16 +23,13 @@ const (
 	// WaitFor is pending, so waiters wake within a few milliseconds of the
 	// replay.
 	DefaultWaitInterval = 2 * time.Millisecond
-	// DefaultMaxBackoff caps the delay between attempts to reach a server
-	// that is down.
-	DefaultMaxBackoff = 5 * time.Second
+	// DefaultDownInterval is how often a server that is down is probed, so
+	// that the Status says it is back within this long of its return; it is
+	// also the least time between the polls SuspectDown asks for.
+	DefaultDownInterval = 200 * time.Millisecond
 	// DefaultQueryTimeout bounds one monitoring query, connecting included.
 	DefaultQueryTimeout = 2 * time.Second
 )
-
-// minBackoff is the delay before the first retry of a server that is down;
-// it doubles per failure up to Config.MaxBackoff.
-const minBackoff = 100 * time.Millisecond
 
 // bookmarkConns is how many connections PrimaryLSN (and the primary's poll)
 // may hold open at once.
@@ -43,24 +39,9 @@ const bookmarkConns = 4
 // the URL sets one, so they are easy to tell apart in pg_stat_activity.
 const applicationName = "pgfly-lag"
 
-// The monitoring queries. Each is a single read-only statement; LSNs come back
-// as text because pgx has no pg_lsn type.
+// bookmarkQuery is PrimaryLSN's query (the polls run pollQuery).
 const (
-	// upstreamQuery is the one query of an upstream poll: the role, the
-	// replay (or, on a primary, the write) position, the age of the last
-	// replayed commit, the receive position (NULL on a primary and without a
-	// WAL receiver) and whether replay is paused. pg_is_wal_replay_paused()
-	// is also true while a pause is requested but not yet reached (PG14 and
-	// later), which is the same for a waiter: replay stops before the next
-	// record. It fails outside recovery, hence the CASE.
-	upstreamQuery = `select pg_is_in_recovery(),
-	(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text,
-	extract(epoch from now() - pg_last_xact_replay_timestamp())::float8,
-	pg_last_wal_receive_lsn()::text,
-	case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end`
-	// primaryQuery is the one query of a primary poll.
-	primaryQuery = `select pg_current_wal_lsn()::text`
-	// bookmarkQuery is PrimaryLSN's query: the insert position, its offset
+	// bookmarkQuery is the insert position, its offset
 	// in its WAL segment and the WAL page size, or NULLs on a server in
 	// recovery (where pg_current_wal_insert_lsn() would fail). See
 	// PrimaryLSN for why it reads the insert position.
@@ -97,9 +78,12 @@ type Config struct {
 	// WaitInterval is how often the upstream is polled while at least one
 	// WaitFor is pending; DefaultWaitInterval when zero.
 	WaitInterval time.Duration
-	// MaxBackoff caps the retry delay while a server is down, which starts
-	// at 100ms and doubles per failure; DefaultMaxBackoff when zero.
-	MaxBackoff time.Duration
+	// DownInterval is how often a server is probed while it is down (no
+	// backoff: a probe to a server that refuses costs it nothing, and the
+	// Status should say it is back as soon as it is), and the least time
+	// between two polls that SuspectDown asks for; DefaultDownInterval when
+	// zero. An Interval shorter than it wins.
+	DownInterval time.Duration
 	// QueryTimeout bounds each monitoring query, connecting included;
 	// DefaultQueryTimeout when zero.
 	QueryTimeout time.Duration
@@ -128,9 +112,10 @@ type Status struct {
 	// UpstreamError is the last poll's error while the upstream is down, ""
 	// while it is up.
 	UpstreamError string
-	// PrimaryUp reports whether the primary answered its last poll. It is
-	// true while the upstream is up and is itself the primary, and false
-	// when no primary is known or it is down.
+	// PrimaryUp reports whether the primary answered its last poll and is
+	// not in recovery. It is true while the upstream is up and is itself the
+	// primary, and false when no primary is known, it is down, or the
+	// configured primary is a standby.
 	PrimaryUp bool
 	// ReplayLSN is how far the upstream has got: pg_last_wal_replay_lsn() on
 	// a replica, pg_current_wal_lsn() on a primary; 0 when unknown.
@@ -156,60 +141,68 @@ type Status struct {
 	// CheckedAt is when the last upstream poll finished; zero before the
 	// first.
 	CheckedAt time.Time
-}
-
-// upstreamState is what the last upstream poll found.
-type upstreamState struct {
-	polled    bool      // at least one poll finished
-	err       error     // nil when the poll succeeded
-	downSince time.Time // when the current outage began
-	role      Role
-	lsn       LSN
-	received  LSN      // a replica's receive position; 0 when unknown
-	paused    bool     // a replica's replay is paused or a pause is requested
-	replayAge *float64 // seconds since the last replayed commit; nil when unknown
-	// replayedAll: a replica has replayed all the WAL it has received. Without a primary to
-	// compare with, that is the best sign that it is not behind while the primary is idle.
-	replayedAll bool
-	checkedAt   time.Time
-}
-
-// primaryState is what the last primary poll found.
-type primaryState struct {
-	polled    bool
-	err       error
-	downSince time.Time
-	lsn       LSN
+	// SystemID is the upstream's system identifier (pg_control_system()),
+	// 0 while it is down. A streaming replica has its primary's.
+	SystemID uint64
+	// Timeline is the upstream's timeline, 0 while it is down or unknown. On
+	// a primary it is the timeline it writes, exact. On a replica it is its
+	// WAL receiver's timeline when the monitor's role may see it (a
+	// superuser or pg_read_all_stats), else the timeline of its last
+	// restartpoint, which trails a switch to a new timeline until the next
+	// restartpoint.
+	Timeline uint32
+	// PrimarySystemID and PrimaryTimeline are the configured primary's as its
+	// last poll found them (a primary in recovery included), 0 when unknown;
+	// when no primary distinct from the upstream is configured and the
+	// upstream is a primary, they are the upstream's.
+	PrimarySystemID uint64
+	PrimaryTimeline uint32
+	// TwoPrimaries reports a split brain: the upstream is not in recovery,
+	// and the configured primary, a different server (another system
+	// identifier, another timeline, or another postmaster: one server
+	// reached by two addresses is not two), accepts writes too, as after a
+	// replica was promoted while the primary still runs. Writes through this
+	// region's upstream would then diverge from the primary's: sessions
+	// started while it is true should be fenced (e.g. started with
+	// default_transaction_read_only=on, so that their writes are refused and
+	// replayed in the primary region), and /health answers 503
+	// two_primaries. It is set once a poll of each server sent after the
+	// conflict was first seen shows it too (about DownInterval later), stays
+	// set while either server is unreachable, and ends with a pair of polls
+	// without conflict or an upstream seen in recovery. It is never true
+	// without a configured primary at another address than the upstream.
+	TwoPrimaries bool
+	// TwoPrimariesReason says which servers are two primaries and how they
+	// differ, while TwoPrimaries is true; "" otherwise.
+	TwoPrimariesReason string
 }
 
 // Monitor polls the upstream and the primary and serves Status, WaitFor and
 // PrimaryLSN. Its methods are safe for concurrent use.
 type Monitor struct {
-	cfg      Config
-	log      *zap.Logger
-	upAddr   string
-	priAddr  string
-	upstream *conns // the upstream poll's connection
-	primary  *conns // the primary's poll and PrimaryLSN, or the upstream's when no primary is configured
-	pollPri  bool   // whether a primary distinct from the upstream is polled
+	cfg       Config
+	log       *zap.Logger
+	upstream  *poller
+	primary   *poller // nil when no primary distinct from the upstream is configured
+	bookmarks *conns  // PrimaryLSN's connections, shared with the primary's polls: the primary's, else the upstream's
 
-	ctx      context.Context // the monitor's lifetime, ended by Close
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	kick     chan struct{} // a new waiter arrived
-	upReady  chan struct{} // closed after the first upstream poll or by Close
-	priReady chan struct{} // closed after the first primary poll or by Close
-	polls    atomic.Uint64
+	ctx    context.Context // the monitor's lifetime, ended by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 
-	mu        sync.Mutex
-	started   bool
-	closed    bool
-	readyOnce [2]sync.Once
-	up        upstreamState
-	replays   replayHistory // the upstream's recent replay positions while it is an up replica
-	pri       primaryState
-	status    Status
-	waiters   waiterHeap
+	mu      sync.Mutex
+	started bool
+	closed  bool
+	up      serverState
+	replays replayHistory // the upstream's recent replay positions while it is an up replica
+	pri     serverState
+	// twoPrimaries is why the upstream and the primary are two primaries, ""
+	// when they are not; conflictSeen is when a conflict not yet confirmed
+	// was first seen. See checkPrimaries.
+	twoPrimaries string
+	conflictSeen time.Time
+	status       Status
+	waiters      waiterHeap
 }
 
 // New validates cfg and returns a Monitor that has not connected yet; Start
@@ -226,7 +219,7 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	}{
 		{"interval", &cfg.Interval, DefaultInterval},
 		{"wait interval", &cfg.WaitInterval, DefaultWaitInterval},
-		{"max backoff", &cfg.MaxBackoff, DefaultMaxBackoff},
+		{"down interval", &cfg.DownInterval, DefaultDownInterval},
 		{"query timeout", &cfg.QueryTimeout, DefaultQueryTimeout},
 	} {
 		if *d.v < 0 {
@@ -246,30 +239,25 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	upAddr := addrOf(upCfg)
 	logDropped(log, "upstream", upAddr, upDropped)
 	upDial := newDialer(upCfg, log.With(zap.String("upstream", upAddr)))
-	ctx, cancel := context.WithCancel(context.Background())
 	m := &Monitor{
-		cfg:      cfg,
-		log:      log,
-		upAddr:   upAddr,
-		upstream: newConns(upDial, 1),
-		primary:  newConns(upDial, bookmarkConns),
-		ctx:      ctx,
-		cancel:   cancel,
-		kick:     make(chan struct{}, 1),
-		upReady:  make(chan struct{}),
-		priReady: make(chan struct{}),
+		cfg:       cfg,
+		log:       log,
+		upstream:  newPoller("upstream", upAddr, newConns(upDial, 1)),
+		bookmarks: newConns(upDial, bookmarkConns),
 	}
 	if cfg.Primary != "" {
 		priCfg, priDropped, err := parseURL(cfg.Primary)
 		if err != nil {
-			cancel()
 			return nil, fmt.Errorf("lag: primary URL: %w", err)
 		}
-		m.priAddr = addrOf(priCfg)
-		logDropped(log, "primary", m.priAddr, priDropped)
-		m.primary = newConns(newDialer(priCfg, log.With(zap.String("primary", m.priAddr))), bookmarkConns)
-		m.pollPri = m.priAddr != m.upAddr
+		priAddr := addrOf(priCfg)
+		logDropped(log, "primary", priAddr, priDropped)
+		m.bookmarks = newConns(newDialer(priCfg, log.With(zap.String("primary", priAddr))), bookmarkConns)
+		if priAddr != upAddr {
+			m.primary = newPoller("primary", priAddr, m.bookmarks)
+		}
 	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.status = m.snapshot()
 	return m, nil
 }
@@ -304,10 +292,11 @@ func addrOf(cfg *pgx.ConnConfig) string {
 	return net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))
 }
 
-// Start starts polling: the upstream at once and then every Interval (every
-// WaitInterval while a WaitFor is pending), the primary at once and then
-// every Interval. Polling runs until Close. Calling Start again, or after
-// Close, does nothing.
+// Start starts polling: each server at once and then every Interval, the
+// upstream every WaitInterval while a WaitFor is pending, and a server that
+// is down every DownInterval, so that the Status says it is back within
+// about DownInterval of its return. Polling runs until Close. Calling Start
+// again, or after Close, does nothing.
 func (m *Monitor) Start() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -315,20 +304,18 @@ func (m *Monitor) Start() {
 		return
 	}
 	m.started = true
-	m.wg.Add(1)
-	go m.watchUpstream()
-	if m.pollPri {
+	for _, p := range m.pollers() {
 		m.wg.Add(1)
-		go m.watchPrimary()
-	} else {
-		m.markReady(1)
+		go m.watch(p)
 	}
 }
 
-// markReady closes the ready channel of the upstream (0) or the primary (1)
-// once.
-func (m *Monitor) markReady(i int) {
-	m.readyOnce[i].Do(func() { close([]chan struct{}{m.upReady, m.priReady}[i]) })
+// pollers returns the upstream's poller and the primary's, if any.
+func (m *Monitor) pollers() []*poller {
+	if m.primary == nil {
+		return []*poller{m.upstream}
+	}
+	return []*poller{m.upstream, m.primary}
 }
 
 // Ready waits until the first poll of each server has finished, whether it
@@ -336,16 +323,16 @@ func (m *Monitor) markReady(i int) {
 // returns ctx.Err() if ctx ends first and ErrClosed if the Monitor was
 // closed first.
 func (m *Monitor) Ready(ctx context.Context) error {
-	for _, ch := range []chan struct{}{m.upReady, m.priReady} {
+	for _, p := range m.pollers() {
 		select {
-		case <-ch:
+		case <-p.ready:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !m.up.polled || m.pollPri && !m.pri.polled {
+	if !m.up.polled || m.primary != nil && !m.pri.polled {
 		return ErrClosed
 	}
 	return nil
@@ -361,7 +348,27 @@ func (m *Monitor) Status() Status {
 // Polls returns how many times the upstream has been polled (failed attempts
 // included), for metrics.
 func (m *Monitor) Polls() uint64 {
-	return m.polls.Load()
+	return m.upstream.polls.Load()
+}
+
+// SuspectDown tells the Monitor that something (a client session that could
+// not reach the upstream, or lost it) suggests the upstream is down, so that
+// it polls the upstream now instead of at its next Interval, and the Status
+// (and /health) says so as soon as that poll fails: at once for a server
+// that refuses or has gone away, after QueryTimeout for one that hangs. From
+// then on the upstream is probed every DownInterval until it answers.
+//
+// It never blocks and is safe to call from any number of sessions at once:
+// calls coalesce, and a poll they cause starts no sooner than DownInterval
+// after the previous poll ended, so a thousand sessions failing at once cost
+// one poll (and one more if some fail while it runs, since its answer may
+// predate their failure), and clients failing in a loop at most one poll per
+// DownInterval. While the Monitor already sees the upstream down a call
+// changes nothing. Calls before Start are served by the first poll, which
+// comes at once anyway; after Close a call does nothing. It concerns the
+// upstream only: the primary is polled on its own schedule.
+func (m *Monitor) SuspectDown() {
+	signal(m.upstream.soon)
 }
 
 // WaitFor returns nil once the upstream is up and has replayed lsn
@@ -407,10 +414,7 @@ func (m *Monitor) WaitFor(ctx context.Context, lsn LSN) error {
 	heap.Push(&m.waiters, w)
 	m.mu.Unlock()
 
-	select {
-	case m.kick <- struct{}{}:
-	default: // the loop already has a kick to read
-	}
+	signal(m.upstream.waiter)
 
 	select {
 	case <-w.done:
@@ -441,7 +445,7 @@ func (m *Monitor) PrimaryLSN(ctx context.Context) (LSN, error) {
 		offset    *int64
 		blockSize int64
 	)
-	if err := m.primary.queryRow(ctx, bookmarkQuery, &text, &offset, &blockSize); err != nil {
+	if err := m.bookmarks.queryRow(ctx, bookmarkQuery, &text, &offset, &blockSize); err != nil {
 		return 0, fmt.Errorf("read primary WAL position: %w", err)
 	}
 	if text == nil || offset == nil {
@@ -495,158 +499,15 @@ func (m *Monitor) Close() error {
 
 	m.cancel()
 	m.wg.Wait()
-	m.markReady(0)
-	m.markReady(1)
-	errUp := m.upstream.close()
-	errPri := m.primary.close()
+	for _, p := range m.pollers() {
+		p.markReady()
+	}
+	errUp := m.upstream.conns.close()
+	errPri := m.bookmarks.close()
 	if errUp != nil {
 		return errUp
 	}
 	return errPri
-}
-
-// watchUpstream is the upstream's polling loop; it ends with the Monitor.
-func (m *Monitor) watchUpstream() {
-	defer m.wg.Done()
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
-	var backoff time.Duration
-	for {
-		ok := m.pollUpstream()
-		m.markReady(0)
-		polled := time.Now()
-		if ok {
-			backoff = 0
-		} else {
-			backoff = nextBackoff(backoff, m.cfg.MaxBackoff)
-		}
-		next := polled.Add(m.delay(backoff))
-		for wait := true; wait; {
-			timer.Reset(time.Until(next))
-			select {
-			case <-m.ctx.Done():
-				return
-			case <-timer.C:
-				wait = false
-			case <-m.kick:
-				// A waiter arrived: poll sooner, but never more often
-				// than every WaitInterval and never during a backoff.
-				if sooner := polled.Add(m.delay(backoff)); sooner.Before(next) {
-					next = sooner
-				}
-			}
-		}
-	}
-}
-
-// delay is how long the upstream loop sleeps after a poll: the backoff while
-// the upstream is down, else WaitInterval while anyone waits, else Interval.
-func (m *Monitor) delay(backoff time.Duration) time.Duration {
-	if backoff > 0 {
-		return backoff
-	}
-	m.mu.Lock()
-	waiting := m.waiters.Len() > 0
-	m.mu.Unlock()
-	if waiting {
-		return m.cfg.WaitInterval
-	}
-	return m.cfg.Interval
-}
-
-// nextBackoff doubles the retry delay from minBackoff up to max.
-func nextBackoff(cur, max time.Duration) time.Duration {
-	if cur == 0 {
-		return min(minBackoff, max)
-	}
-	return min(2*cur, max)
-}
-
-// pollUpstream runs one upstream poll, publishes the result, wakes the
-// waiters it satisfies and logs a change of state. It reports whether the
-// poll succeeded.
-func (m *Monitor) pollUpstream() bool {
-	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.QueryTimeout)
-	var (
-		inRecovery   bool
-		lsnText      *string
-		replayAge    *float64
-		receivedText *string
-		paused       bool
-		lsn          LSN
-		received     LSN
-	)
-	err := m.upstream.queryRow(ctx, upstreamQuery, &inRecovery, &lsnText, &replayAge, &receivedText, &paused)
-	cancel()
-	m.polls.Add(1)
-	if m.ctx.Err() != nil {
-		return false // closing: the error is ours, not the upstream's
-	}
-	if err == nil && lsnText != nil {
-		lsn, err = ParseLSN(*lsnText)
-	}
-	if err == nil && receivedText != nil {
-		received, err = ParseLSN(*receivedText)
-	}
-	now := time.Now()
-
-	m.mu.Lock()
-	prev := m.up
-	cur := upstreamState{polled: true, err: err, checkedAt: now, role: RoleUnknown}
-	if err == nil {
-		cur.role = RolePrimary
-		if inRecovery {
-			cur.role = RoleReplica
-		}
-		cur.lsn = lsn
-		cur.replayAge = replayAge
-		if inRecovery {
-			cur.received = received
-			cur.paused = paused
-			cur.replayedAll = received != 0 && received <= lsn
-		}
-	} else {
-		cur.downSince = now
-		if prev.polled && prev.err != nil {
-			cur.downSince = prev.downSince
-		}
-	}
-	m.up = cur
-	if cur.role == RoleReplica {
-		m.replays.add(replaySample{at: now, replayed: lsn, received: cur.received})
-	} else {
-		m.replays.reset()
-	}
-	m.status = m.snapshot()
-	if err == nil {
-		for m.waiters.Len() > 0 && m.waiters[0].lsn <= lsn {
-			close(heap.Pop(&m.waiters).(*waiter).done)
-		}
-		m.wakeUnreachable()
-	}
-	m.mu.Unlock()
-
-	addr := zap.String("upstream", m.upAddr)
-	switch {
-	case err != nil && (!prev.polled || prev.err == nil):
-		m.log.Warn("upstream down", addr, zap.Error(err))
-	case err != nil:
-		m.log.Debug("upstream still down", addr, zap.Error(err))
-	case !prev.polled:
-		m.log.Info("upstream up", addr, zap.String("role", string(cur.role)), zap.Stringer("replay_lsn", lsn),
-			zap.Bool("replay_paused", cur.paused))
-	case prev.err != nil:
-		m.log.Info("upstream up again", addr, zap.String("role", string(cur.role)),
-			zap.Duration("down_for", now.Sub(prev.downSince)), zap.Stringer("replay_lsn", lsn),
-			zap.Bool("replay_paused", cur.paused))
-	case prev.role != cur.role && prev.role != RoleUnknown:
-		m.log.Info("upstream role changed", addr, zap.String("from", string(prev.role)), zap.String("to", string(cur.role)))
-	case !prev.paused && cur.paused:
-		m.log.Info("upstream replay paused", addr, zap.Stringer("replay_lsn", lsn))
-	case prev.paused && !cur.paused:
-		m.log.Info("upstream replay resumed", addr, zap.Stringer("replay_lsn", lsn))
-	}
-	return err == nil
 }
 
 // unreachable reports whether the last upstream poll shows that the upstream
@@ -680,91 +541,22 @@ func (m *Monitor) wakeUnreachable() {
 	}
 }
 
-// watchPrimary is the primary's polling loop, every Interval; it ends with
-// the Monitor.
-func (m *Monitor) watchPrimary() {
-	defer m.wg.Done()
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
-	var backoff time.Duration
-	for {
-		delay := m.cfg.Interval
-		if m.pollPrimary() {
-			backoff = 0
-		} else {
-			backoff = nextBackoff(backoff, m.cfg.MaxBackoff)
-			delay = backoff
-		}
-		m.markReady(1)
-		timer.Reset(delay)
-		select {
-		case <-m.ctx.Done():
-			return
-		case <-timer.C:
-		}
-	}
-}
-
-// pollPrimary runs one primary poll, publishes the result and logs a change
-// of state. It reports whether the poll succeeded.
-func (m *Monitor) pollPrimary() bool {
-	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.QueryTimeout)
-	var (
-		lsnText *string
-		lsn     LSN
-	)
-	err := m.primary.queryRow(ctx, primaryQuery, &lsnText)
-	cancel()
-	if m.ctx.Err() != nil {
-		return false
-	}
-	if err == nil {
-		if lsnText == nil {
-			err = errors.New("pg_current_wal_lsn() returned NULL")
-		} else {
-			lsn, err = ParseLSN(*lsnText)
-		}
-	}
-	now := time.Now()
-
-	m.mu.Lock()
-	prev := m.pri
-	cur := primaryState{polled: true, err: err, lsn: lsn}
-	if err != nil {
-		cur.lsn = 0
-		cur.downSince = now
-		if prev.polled && prev.err != nil {
-			cur.downSince = prev.downSince
-		}
-	}
-	m.pri = cur
-	m.status = m.snapshot()
-	m.mu.Unlock()
-
-	addr := zap.String("primary", m.priAddr)
-	switch {
-	case err != nil && (!prev.polled || prev.err == nil):
-		m.log.Warn("primary down", addr, zap.Error(err))
-	case err != nil:
-		m.log.Debug("primary still down", addr, zap.Error(err))
-	case !prev.polled:
-		m.log.Info("primary up", addr, zap.Stringer("lsn", lsn))
-	case prev.err != nil:
-		m.log.Info("primary up again", addr, zap.Duration("down_for", now.Sub(prev.downSince)), zap.Stringer("lsn", lsn))
-	}
-	return err == nil
-}
-
 // snapshot derives a Status from the last polls. m.mu must be held.
 func (m *Monitor) snapshot() Status {
 	s := Status{Role: RoleUnknown, LagBytes: -1, LagSeconds: -1, CheckedAt: m.up.checkedAt}
-	upOK := m.up.polled && m.up.err == nil
+	upOK := m.up.up()
 	if m.up.err != nil {
 		s.UpstreamError = m.up.err.Error()
 	}
-	if m.pollPri && m.pri.polled && m.pri.err == nil {
-		s.PrimaryUp = true
-		s.PrimaryLSN = m.pri.lsn
+	s.TwoPrimaries = m.twoPrimaries != ""
+	s.TwoPrimariesReason = m.twoPrimaries
+	if m.primary != nil && m.pri.up() {
+		s.PrimarySystemID = m.pri.id.systemID
+		s.PrimaryTimeline = m.pri.id.timeline
+		if m.pri.role == RolePrimary {
+			s.PrimaryUp = true
+			s.PrimaryLSN = m.pri.lsn
+		}
 	}
 	if !upOK {
 		return s
@@ -773,10 +565,16 @@ func (m *Monitor) snapshot() Status {
 	s.Role = m.up.role
 	s.ReplayLSN = m.up.lsn
 	s.ReplayPaused = m.up.paused
+	s.SystemID = m.up.id.systemID
+	s.Timeline = m.up.id.timeline
 	switch {
 	case s.Role == RolePrimary:
 		s.PrimaryUp = true
 		s.PrimaryLSN = s.ReplayLSN
+		if m.primary == nil {
+			s.PrimarySystemID = s.SystemID
+			s.PrimaryTimeline = s.Timeline
+		}
 		s.LagBytes = 0
 		s.LagSeconds = 0
 	case s.PrimaryUp && s.ReplayLSN >= s.PrimaryLSN:
@@ -787,7 +585,7 @@ func (m *Monitor) snapshot() Status {
 			s.LagBytes = int64(s.PrimaryLSN - s.ReplayLSN)
 		}
 		switch {
-		case !m.pollPri && m.up.replayedAll:
+		case m.primary == nil && m.up.replayedAll:
 			s.LagSeconds = 0
 		case m.up.replayAge != nil:
 			s.LagSeconds = max(0, *m.up.replayAge)

@@ -154,6 +154,10 @@ func (s *Server) kill() error {
 	if _, err := os.Stat(filepath.Join(s.DataDir, "postmaster.pid")); err != nil {
 		return nil
 	}
+	// A frozen server would not hear the stop request.
+	if err := s.Thaw(); err != nil {
+		s.logf("pgcluster: %v", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), pgctlTimeout+5*time.Second)
 	defer cancel()
 	err := s.r.run(ctx, "pg_ctl", "-D", s.DataDir, "-m", "immediate", "-w", "-t", seconds(pgctlTimeout), "stop")

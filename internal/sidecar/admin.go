@@ -3,6 +3,7 @@ package sidecar
 import (
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -15,7 +16,7 @@ const DefaultMaxLag = 10 * time.Second
 
 // health is the body of /health.
 type health struct {
-	Status        string  `json:"status"` // ok, lagging, upstream_down
+	Status        string  `json:"status"` // ok, lagging, two_primaries, upstream_down
 	Region        string  `json:"region,omitempty"`
 	PrimaryRegion string  `json:"primary_region,omitempty"`
 	Role          string  `json:"role"`
@@ -27,8 +28,15 @@ type health struct {
 	LagBytes      int64   `json:"lag_bytes"`
 	LagSeconds    float64 `json:"lag_seconds"`
 	MaxLagSeconds float64 `json:"max_lag_seconds"`
-	CheckedAt     string  `json:"checked_at,omitempty"`
-	SessionsOpen  int     `json:"sessions_open"`
+	// System identifiers are strings: JSON numbers lose their last digits.
+	SystemID           string `json:"system_id,omitempty"`
+	Timeline           uint32 `json:"timeline,omitempty"`
+	PrimarySystemID    string `json:"primary_system_id,omitempty"`
+	PrimaryTimeline    uint32 `json:"primary_timeline,omitempty"`
+	TwoPrimaries       bool   `json:"two_primaries"`
+	TwoPrimariesReason string `json:"two_primaries_reason,omitempty"`
+	CheckedAt          string `json:"checked_at,omitempty"`
+	SessionsOpen       int    `json:"sessions_open"`
 }
 
 // adminHandler serves /health, /metrics and /routes.
@@ -40,8 +48,8 @@ func (s *Sidecar) adminHandler() http.Handler {
 	return mux
 }
 
-// serveHealth answers 200 when the upstream is reachable and its lag is within MaxLag, else
-// 503, so that it can serve as a Fly HTTP check.
+// serveHealth answers 200 when the upstream is reachable, is not one of two primaries and its
+// lag is within MaxLag, else 503, so that it can serve as a Fly HTTP check.
 func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	st := s.monitor.Status()
 	h := health{
@@ -56,7 +64,14 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 		LagBytes:      st.LagBytes,
 		LagSeconds:    st.LagSeconds,
 		MaxLagSeconds: s.cfg.MaxLag.Seconds(),
-		SessionsOpen:  s.relay.OpenSessions(),
+		SystemID:      systemID(st.SystemID),
+		Timeline:      st.Timeline,
+
+		PrimarySystemID:    systemID(st.PrimarySystemID),
+		PrimaryTimeline:    st.PrimaryTimeline,
+		TwoPrimaries:       st.TwoPrimaries,
+		TwoPrimariesReason: st.TwoPrimariesReason,
+		SessionsOpen:       s.relay.OpenSessions(),
 	}
 	if st.PrimaryLSN != 0 {
 		h.PrimaryLSN = st.PrimaryLSN.String()
@@ -68,6 +83,8 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case !st.UpstreamUp:
 		h.Status, code = "upstream_down", http.StatusServiceUnavailable
+	case st.TwoPrimaries:
+		h.Status, code = "two_primaries", http.StatusServiceUnavailable
 	case st.Role == lag.RoleReplica && st.LagSeconds > s.cfg.MaxLag.Seconds():
 		h.Status, code = "lagging", http.StatusServiceUnavailable
 	}
@@ -75,6 +92,14 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(h)
+}
+
+// systemID formats a system identifier for /health, "" when unknown (0).
+func systemID(id uint64) string {
+	if id == 0 {
+		return ""
+	}
+	return strconv.FormatUint(id, 10)
 }
 
 // serveRoutes lists the learned and configured write routes with their counts; 404 when the

@@ -89,6 +89,8 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 			status(func(s lag.Status) float64 { return bool01(s.UpstreamUp) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_upstream_is_primary", Help: "1 when the upstream is not in recovery."},
 			status(func(s lag.Status) float64 { return bool01(s.Role == lag.RolePrimary) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_two_primaries", Help: "1 when the upstream and the configured primary are two different servers that both accept writes (a split brain)."},
+			status(func(s lag.Status) float64 { return bool01(s.TwoPrimaries) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_replica_lag_bytes", Help: "WAL bytes the upstream is behind the primary (-1 unknown)."},
 			status(func(s lag.Status) float64 { return float64(s.LagBytes) })),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_replica_lag_seconds", Help: "Seconds the upstream is behind the primary (-1 unknown)."},
