@@ -87,6 +87,10 @@ type Config struct {
 	// QueryTimeout bounds each monitoring query, connecting included;
 	// DefaultQueryTimeout when zero.
 	QueryTimeout time.Duration
+	// OnTwoPrimaries, when set, is called each time two primaries begin (see
+	// Status.TwoPrimaries), once the Status says so, from a poller's
+	// goroutine: it must not block.
+	OnTwoPrimaries func()
 }
 
 // Role is what the upstream is.

@@ -83,6 +83,9 @@ func (m *Monitor) logPrimaries(was, now string) {
 	case was == "" && now != "":
 		m.log.Error("two primaries: this region's upstream accepts writes, and so does the configured primary",
 			zap.String("upstream", m.upstream.addr), zap.String("primary", m.primary.addr), zap.String("reason", now))
+		if m.cfg.OnTwoPrimaries != nil {
+			m.cfg.OnTwoPrimaries()
+		}
 	case was != "" && now == "":
 		m.log.Info("two primaries no more", zap.String("upstream", m.upstream.addr), zap.String("primary", m.primary.addr))
 	}

@@ -315,9 +315,22 @@ func TestFenceStartsSessionsReadOnly(t *testing.T) {
 	if err := conn.QueryRow(ctx, "show application_name").Scan(&app); err != nil || app != "fenced" {
 		t.Fatalf("the client's other parameters: application_name %q, %v; want fenced", app, err)
 	}
-	// Sessions opened before the fence are not touched; new ones after it are not fenced.
-	if _, err := open.Exec(ctx, "insert into "+table+" values (2)"); err != nil {
-		t.Fatalf("insert on a session opened before the fence: %v", err)
+	// Fenced ends the sessions opened before the fence, saying whether each wrote.
+	r.connect(t) // opened while fenced, and ended too: Fenced does not tell them apart
+	r.Fenced()
+	waitFor(t, 10*time.Second, "the open sessions to end", func() bool { return r.OpenSessions() == 0 })
+	if _, err := open.Exec(ctx, "insert into "+table+" values (2)"); err == nil {
+		t.Fatal("insert on a session opened before the fence, after Fenced: got no error, want its end")
+	}
+	wrote := map[bool]int{}
+	for _, f := range r.events.Failures() {
+		if f.Cause != wire.FailFenced || f.Code != "57P01" {
+			t.Errorf("failure: got %+v, want cause fenced, 57P01", f)
+		}
+		wrote[f.Wrote]++
+	}
+	if wrote[true] != 1 || wrote[false] != 2 {
+		t.Errorf("fenced sessions that wrote: got %v, want 1 (the one that created the table) and 2 that did not", wrote)
 	}
 	fenced.Store(false)
 	if _, err := r.connect(t).Exec(ctx, "insert into "+table+" values (3)"); err != nil {

@@ -86,7 +86,7 @@ type WriteCommitted struct {
 type UpstreamFailure struct {
 	SessionID uint64 // 0 when the session never reached the upstream
 	Time      time.Time
-	Cause     string // "connect", "login timeout", "shutdown" or "lost"
+	Cause     string // "connect", "login timeout", "shutdown", "lost" or "fenced"
 	Code      string // the SQLSTATE the client is told
 	Message   string
 	// Wrote: a write of this session committed, or its open transaction wrote and may have
@@ -100,6 +100,7 @@ const (
 	FailLoginTimeout = "login timeout"
 	FailShutdown     = "shutdown"
 	FailLost         = "lost"
+	FailFenced       = "fenced" // ended by Server.Fenced
 )
 
 // Observer receives a relay's events. Its methods are called from session goroutines,

@@ -282,6 +282,21 @@ func (s *Server) stopAccepting() error {
 	return nil
 }
 
+// Fenced ends every open session, for Config.Fence turning true: each client is told FATAL
+// 57P01 and reconnects to a fenced session, and each session is reported as an
+// UpstreamFailure (cause "fenced") with whether it wrote, so that the requests of those that
+// did not may be replayed. Sessions that are starting are fenced by Config.Fence.
+func (s *Server) Fenced() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ss := range s.sessions {
+		ss.stop(errFenced)
+	}
+	if n := len(s.sessions); n > 0 {
+		s.log.Warn("ended the open sessions of a fenced upstream", zap.Int("sessions", n), zap.String("upstream", s.upstream.name))
+	}
+}
+
 func (s *Server) closeSessions() {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -22,6 +22,7 @@ import (
 var (
 	errTooManyFiles = syscall.EMFILE
 	errShutdown     = errors.New("pgfly is shutting down")
+	errFenced       = errors.New("pgfly fenced the upstream")
 )
 
 // session is one client connection and its upstream connection.
@@ -89,7 +90,8 @@ func (s *Server) handle(c net.Conn, full bool) {
 		return
 	}
 
-	if s.cfg.Fence != nil && s.cfg.Fence() {
+	fenced := s.cfg.Fence != nil && s.cfg.Fence()
+	if fenced {
 		ss.startup = withParam(ss.startup, "default_transaction_read_only", "on")
 		s.log.Warn("fenced session: it starts read-only, as the upstream should be a standby and is a primary",
 			zap.String("client", ss.info.ClientAddr), zap.String("upstream", s.upstream.name))
@@ -113,6 +115,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 		return
 	}
 	defer s.unregister(ss)
+	if !fenced && s.cfg.Fence != nil && s.cfg.Fence() {
+		ss.stop(errFenced) // the fence came up while it connected, after Fenced looked
+	}
 
 	ss.info.ID = s.nextID.Add(1)
 	s.stats.sessions.Add(1)
@@ -252,6 +257,10 @@ func (ss *session) relay() SessionEnd {
 	case ss.stopCause == errShutdown:
 		end.Reason = "shutdown"
 		tell(codeAdminShutdown, "terminating connection because pgfly is shutting down")
+	case ss.stopCause == errFenced:
+		end.Reason = "fenced"
+		ss.failed(FailFenced, codeAdminShutdown, fmt.Sprintf("terminating connection because upstream %s is a primary beside the real one: "+
+			"reconnect, new sessions are read-only and their writes go to the primary region", ss.srv.upstream.name), tell)
 	case ss.terminated.Load():
 		end.Reason = "client terminated"
 	case first.fromClient && errors.As(first.err, &pe):
@@ -274,7 +283,7 @@ func (ss *session) relay() SessionEnd {
 		ss.srv.stats.connectErrors.Add(1)
 		ss.srv.log.Warn("upstream login timeout", zap.Uint64("session", ss.info.ID),
 			zap.String("upstream", ss.srv.upstream.name), zap.Duration("timeout", ss.login.timeout))
-		ss.failed(FailLoginTimeout, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
+		ss.failed(FailLoginTimeout, codeConnectionFailure, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
 			ss.srv.upstream.name, ss.login.timeout), tell)
 	case errors.Is(first.err, io.EOF) && ss.serverFatal:
 		end.Reason = "upstream closed the session"
@@ -284,18 +293,18 @@ func (ss *session) relay() SessionEnd {
 			end.Reason += ": " + first.err.Error()
 		}
 		if !ss.serverFatal {
-			ss.failed(FailLost, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name), tell)
+			ss.failed(FailLost, codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name), tell)
 		}
 	}
 	return end
 }
 
-// failed reports an UpstreamFailure with the client told msg (FATAL 08006), and then tells it.
-// Both pumps have returned, so the session's write state is settled.
-func (ss *session) failed(cause, msg string, tell func(code, msg string)) {
+// failed reports an UpstreamFailure with what the client is told (FATAL code, msg), and then
+// tells it. Both pumps have returned, so the session's write state is settled.
+func (ss *session) failed(cause, code, msg string, tell func(code, msg string)) {
 	ss.srv.obs.UpstreamFailed(UpstreamFailure{SessionID: ss.info.ID, Time: time.Now(), Cause: cause,
-		Code: codeConnectionFailure, Message: msg, Wrote: ss.committed || ss.wrote})
-	tell(codeConnectionFailure, msg)
+		Code: code, Message: msg, Wrote: ss.committed || ss.wrote})
+	tell(code, msg)
 }
 
 // pumpResult is how a copy goroutine ended.
@@ -319,7 +328,7 @@ func (ss *session) stop(cause error) {
 		past := time.Unix(1, 0)
 		ss.client.SetReadDeadline(past)
 		ss.upstream.SetReadDeadline(past)
-		if cause == errShutdown {
+		if cause == errShutdown || cause == errFenced {
 			// A goroutine blocked writing to a client that reads nothing must end too.
 			ss.client.SetWriteDeadline(time.Now().Add(time.Second))
 		}

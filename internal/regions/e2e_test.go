@@ -55,8 +55,14 @@ type world struct {
 
 func start(tb testing.TB, opts regions.Options) *world {
 	tb.Helper()
+	return startOn(tb, cluster, opts)
+}
+
+// startOn is start on a cluster of the test's own, for tests that must break it.
+func startOn(tb testing.TB, c *pgcluster.Cluster, opts regions.Options) *world {
+	tb.Helper()
 	core, logs := observer.New(zapcore.DebugLevel)
-	opts.Cluster = cluster
+	opts.Cluster = c
 	opts.Log = zap.New(core)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

@@ -2,6 +2,7 @@ package regions_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/regions"
 )
 
@@ -105,5 +107,63 @@ func TestReplicaRestartMidLoad(t *testing.T) {
 		if n := rowsNamed(t, cluster.Primary, name); n != 1 {
 			t.Errorf("%s: %d rows on the primary, want exactly 1", name, n)
 		}
+	}
+}
+
+// TestTwoPrimariesAreFenced promotes the replica while the primary still runs, in a setup of
+// its own. The replica region notices two primaries, ends its open sessions and starts new
+// ones read-only, so its writes are refused and replayed to the real primary: no row is
+// written on the promoted server, each POST once on the primary, and /health says why.
+func TestTwoPrimariesAreFenced(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	own, err := pgcluster.Start(ctx, pgcluster.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { own.Close() })
+	w := startOn(t, own, regions.Options{})
+	prefix := unique("fence")
+	post := func(name string) reply {
+		t.Helper()
+		return postForm(t, w.EdgeURL+"/items", url.Values{"name": {name}})
+	}
+	wantReply(t, post(prefix+"-before"), http.StatusCreated, "iad", "")
+	// The replica region's app holds pooled sessions opened before the promotion.
+	wantReply(t, do(t, http.MethodGet, w.EdgeURL+"/items", nil, nil), http.StatusOK, "fra", "")
+
+	if err := own.Replica.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !w.Replica.Sidecar.Status().TwoPrimaries {
+		if time.Now().After(deadline) {
+			t.Fatal("the replica region did not notice two primaries within 30s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var names []string
+	for i := range 10 {
+		name := fmt.Sprintf("%s-%d", prefix, i)
+		names = append(names, name)
+		wantReply(t, post(name), http.StatusCreated, "iad", "")
+	}
+	for _, name := range names {
+		if n := rowsNamed(t, own.Primary, name); n != 1 {
+			t.Errorf("%s: %d rows on the primary, want 1", name, n)
+		}
+		if n := rowsNamed(t, own.Replica, name); n != 0 {
+			t.Errorf("%s: %d rows on the promoted replica, want 0: the region was not fenced", name, n)
+		}
+	}
+	resp, err := http.Get(w.Replica.AdminURL + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h struct{ Status string }
+	json.NewDecoder(resp.Body).Decode(&h)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || h.Status != "two_primaries" {
+		t.Errorf("replica region /health: got %d %q, want 503 two_primaries", resp.StatusCode, h.Status)
 	}
 }

@@ -81,7 +81,8 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		cfg.MaxLag = DefaultMaxLag
 	}
 	s := &Sidecar{cfg: cfg, log: log, done: make(chan error, 3)}
-	monitor, err := lag.New(lag.Config{Upstream: cfg.Upstream, Primary: cfg.Primary}, log.Named("lag"))
+	monitor, err := lag.New(lag.Config{Upstream: cfg.Upstream, Primary: cfg.Primary,
+		OnTwoPrimaries: func() { s.relay.Fenced() }}, log.Named("lag"))
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +104,10 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			LocalRoutes:       cfg.LocalRoutes,
 			DisableLearning:   cfg.DisableLearning,
 			Replica:           monitor,
-			IsPrimary:         func() bool { return monitor.Status().Role == lag.RolePrimary },
+			IsPrimary: func() bool {
+				st := monitor.Status()
+				return st.Role == lag.RolePrimary && !st.TwoPrimaries // a fenced upstream replays like a standby
+			},
 			UpstreamDown: func() bool {
 				st := monitor.Status()
 				return !st.UpstreamUp && !st.CheckedAt.IsZero() // not before the first poll
@@ -121,7 +125,8 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		}
 	}
 	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics },
-		upstreamStandby: func() bool { return monitor.Status().Role == lag.RoleReplica }}
+		upstreamStandby: func() bool { return monitor.Status().Role == lag.RoleReplica },
+		kick:            monitor.SuspectDown}
 	s.relay, err = wire.NewServer(wire.Config{
 		Listen:         cfg.Listen,
 		Upstream:       cfg.Upstream,
@@ -131,6 +136,7 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		StartupTimeout: cfg.StartupTimeout,
 		TCPUserTimeout: cfg.TCPUserTimeout,
 		MaxClientConn:  cfg.MaxClientConn,
+		Fence:          func() bool { return monitor.Status().TwoPrimaries },
 	}, ev, log.Named("wire"))
 	if err != nil {
 		return nil, err
