@@ -45,7 +45,8 @@ const (
 	// in its WAL segment and the WAL page size, or NULLs on a server in
 	// recovery (where pg_current_wal_insert_lsn() would fail). See
 	// PrimaryLSN for why it reads the insert position.
-	bookmarkQuery = `select l::text, (pg_walfile_name_offset(l)).file_offset, current_setting('wal_block_size')::int
+	bookmarkQuery = `select l::text, (pg_walfile_name_offset(l)).file_offset, current_setting('wal_block_size')::int,
+		(pg_walfile_name_offset(l)).file_name
 	from (select case when pg_is_in_recovery() then null else pg_current_wal_insert_lsn() end as l) as s`
 )
 
@@ -442,24 +443,34 @@ func (m *Monitor) WaitFor(ctx context.Context, lsn LSN) error {
 // then be reached before the commit is replayed. It returns ErrNoPrimary when
 // the server asked is in recovery.
 func (m *Monitor) PrimaryLSN(ctx context.Context) (LSN, error) {
+	lsn, _, err := m.primaryLSN(ctx)
+	return lsn, err
+}
+
+// primaryLSN is PrimaryLSN with the timeline the primary writes.
+func (m *Monitor) primaryLSN(ctx context.Context) (LSN, uint32, error) {
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.QueryTimeout)
 	defer cancel()
 	var (
-		text      *string
-		offset    *int64
-		blockSize int64
+		text, file *string
+		offset     *int64
+		blockSize  int64
 	)
-	if err := m.bookmarks.queryRow(ctx, bookmarkQuery, &text, &offset, &blockSize); err != nil {
-		return 0, fmt.Errorf("read primary WAL position: %w", err)
+	if err := m.bookmarks.queryRow(ctx, bookmarkQuery, &text, &offset, &blockSize, &file); err != nil {
+		return 0, 0, fmt.Errorf("read primary WAL position: %w", err)
 	}
-	if text == nil || offset == nil {
-		return 0, ErrNoPrimary
+	if text == nil || offset == nil || file == nil {
+		return 0, 0, ErrNoPrimary
 	}
 	lsn, err := ParseLSN(*text)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return insertEnd(lsn, *offset, blockSize), nil
+	tli, err := timelineOf(*file)
+	if err != nil {
+		return 0, 0, err
+	}
+	return insertEnd(lsn, *offset, blockSize), tli, nil
 }
 
 // The sizes of a WAL page's short header and of the long header that starts

@@ -14,7 +14,8 @@ import (
 // Bookmark defaults.
 const (
 	DefaultConsistencyWait = 500 * time.Millisecond
-	// BookmarkCookie holds the primary's WAL position after the client's last write.
+	// BookmarkCookie holds the primary's WAL position after the client's last write, with
+	// its timeline and system identifier (lag.Position).
 	BookmarkCookie = "pgfly_lsn"
 	// BookmarkMaxAge is how long a bookmark matters: replicas are far less behind than this.
 	BookmarkMaxAge = 5 * time.Minute
@@ -28,39 +29,45 @@ const (
 	WaitCaughtUp    WaitOutcome = "caught_up"   // the replica replayed the bookmark: served here
 	WaitTimeout     WaitOutcome = "timeout"     // ConsistencyWait passed: replayed
 	WaitUnreachable WaitOutcome = "unreachable" // the monitor knew it would not be reached in time: replayed at once
-	WaitCancelled   WaitOutcome = "cancelled"   // the client went away
+	// WaitOtherHistory: the bookmark is of another timeline or system than the replica's (a
+	// failover), or of an unknown one, so its LSN cannot be compared: replayed at once, and
+	// the primary region's answer brings a fresh bookmark.
+	WaitOtherHistory WaitOutcome = "other_history"
+	WaitCancelled    WaitOutcome = "cancelled" // the client went away
 )
 
 // bookmark returns the WAL position a request must see, when this shim honours bookmarks and
 // the request carries a valid one. The caller has checked that this is a replica region.
-func (s *Shim) bookmark(req *request) (lag.LSN, bool) {
+func (s *Shim) bookmark(req *request) (lag.Position, bool) {
 	if s.cfg.Consistency != ConsistencySession || s.cfg.Replica == nil {
-		return 0, false
+		return lag.Position{}, false
 	}
 	c, err := req.in.Cookie(BookmarkCookie)
 	if err != nil {
-		return 0, false
+		return lag.Position{}, false
 	}
-	lsn, err := lag.ParseLSN(c.Value)
+	pos, err := lag.ParsePosition(c.Value)
 	if err != nil {
 		s.log.Debug("malformed bookmark ignored", zap.String("path", req.path))
-		return 0, false
+		return lag.Position{}, false
 	}
-	return lsn, true
+	return pos, true
 }
 
-// waitFor waits, up to ConsistencyWait, for the replica to replay lsn.
-func (s *Shim) waitFor(ctx context.Context, req *request, lsn lag.LSN) WaitOutcome {
+// waitFor waits, up to ConsistencyWait, for the replica to replay pos.
+func (s *Shim) waitFor(ctx context.Context, req *request, pos lag.Position) WaitOutcome {
 	start := time.Now()
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.ConsistencyWait)
 	defer cancel()
-	err := s.cfg.Replica.WaitFor(wctx, lsn)
+	err := s.cfg.Replica.WaitForPosition(wctx, pos)
 	waited := time.Since(start)
 	outcome := WaitCaughtUp
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
 		outcome = WaitCancelled
+	case errors.Is(err, lag.ErrOtherHistory):
+		outcome = WaitOtherHistory
 	case errors.Is(err, lag.ErrUnreachable):
 		outcome = WaitUnreachable
 	default:
@@ -69,7 +76,7 @@ func (s *Shim) waitFor(ctx context.Context, req *request, lsn lag.LSN) WaitOutco
 	if s.cfg.ObserveWait != nil {
 		s.cfg.ObserveWait(waited, outcome)
 	}
-	s.log.Debug("bookmark wait", zap.String("path", req.path), zap.Stringer("lsn", lsn),
+	s.log.Debug("bookmark wait", zap.String("path", req.path), zap.Stringer("position", pos),
 		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
 	return outcome
 }
@@ -79,14 +86,14 @@ func (s *Shim) waitFor(ctx context.Context, req *request, lsn lag.LSN) WaitOutco
 func (s *Shim) setBookmark(resp *http.Response, req *request) {
 	ctx, cancel := context.WithTimeout(resp.Request.Context(), time.Second)
 	defer cancel()
-	lsn, err := s.cfg.Replica.PrimaryLSN(ctx)
+	pos, err := s.cfg.Replica.PrimaryPosition(ctx)
 	if err != nil {
 		s.log.Warn("no bookmark: cannot read the primary's WAL position", zap.String("path", req.path), zap.Error(err))
 		return
 	}
 	c := http.Cookie{
 		Name:     BookmarkCookie,
-		Value:    lsn.String(),
+		Value:    pos.String(),
 		Path:     "/",
 		MaxAge:   int(BookmarkMaxAge / time.Second),
 		HttpOnly: true,

@@ -51,11 +51,12 @@ const (
 
 // Replica is what the shim needs from the lag monitor for read-your-writes.
 type Replica interface {
-	// PrimaryLSN is the primary's current WAL position.
-	PrimaryLSN(ctx context.Context) (lag.LSN, error)
-	// WaitFor returns once the nearby database has replayed lsn, ctx's error, or
-	// lag.ErrUnreachable as soon as it knows it cannot replay lsn before ctx's deadline.
-	WaitFor(ctx context.Context, lsn lag.LSN) error
+	// PrimaryPosition is the primary's current WAL position, with its timeline and system.
+	PrimaryPosition(ctx context.Context) (lag.Position, error)
+	// WaitForPosition returns once the nearby database has replayed p, ctx's error,
+	// lag.ErrUnreachable as soon as it knows it cannot replay p before ctx's deadline, or
+	// lag.ErrOtherHistory at once when p is not on its timeline of its system.
+	WaitForPosition(ctx context.Context, p lag.Position) error
 }
 
 // Config describes the shim's place: where the app is, which region this is, and how to
@@ -405,11 +406,11 @@ func (s *Shim) upFront(ctx context.Context, req *request) (c cause, gone bool) {
 			return cause{reason: ReasonRoute, route: "learned"}, false
 		}
 	}
-	lsn, ok := s.bookmark(req)
+	pos, ok := s.bookmark(req)
 	if !ok {
 		return cause{}, false
 	}
-	switch s.waitFor(ctx, req, lsn) {
+	switch s.waitFor(ctx, req, pos) {
 	case WaitCaughtUp:
 		return cause{}, false
 	case WaitCancelled:

@@ -906,32 +906,38 @@ func TestProxyModePrimaryUnreachable(t *testing.T) {
 	wantDecisions(t, h, router.Decision{Outcome: "not_replayed", Reason: router.ReasonReadOnly, Match: "overlap"})
 }
 
-// fakeReplica is the lag monitor as the shim sees it.
+// fakeReplica is the lag monitor as the shim sees it: the primary is at lsn on timeline 1 of
+// system 42, and so is the replica's history.
 type fakeReplica struct {
 	lsn    lag.LSN
 	lsnErr error
-	lagged bool // WaitFor waits until its context is done
+	lagged bool // WaitForPosition waits until its context is done
 
 	mu      sync.Mutex
-	waitFor []lag.LSN
-	waiting chan struct{} // closed when WaitFor is first called
+	waitFor []lag.Position
+	waiting chan struct{} // closed when WaitForPosition is first called
 }
+
+const fakeTimeline, fakeSystem = 1, 42
 
 func newFakeReplica(lsn lag.LSN) *fakeReplica {
 	return &fakeReplica{lsn: lsn, waiting: make(chan struct{})}
 }
 
-func (f *fakeReplica) PrimaryLSN(ctx context.Context) (lag.LSN, error) {
-	return f.lsn, f.lsnErr
+func (f *fakeReplica) PrimaryPosition(ctx context.Context) (lag.Position, error) {
+	return lag.Position{LSN: f.lsn, Timeline: fakeTimeline, SystemID: fakeSystem}, f.lsnErr
 }
 
-func (f *fakeReplica) WaitFor(ctx context.Context, lsn lag.LSN) error {
+func (f *fakeReplica) WaitForPosition(ctx context.Context, p lag.Position) error {
 	f.mu.Lock()
-	f.waitFor = append(f.waitFor, lsn)
+	f.waitFor = append(f.waitFor, p)
 	if len(f.waitFor) == 1 {
 		close(f.waiting)
 	}
 	f.mu.Unlock()
+	if p.Timeline != fakeTimeline || p.SystemID != fakeSystem {
+		return lag.ErrOtherHistory
+	}
 	if f.lagged {
 		<-ctx.Done()
 		return ctx.Err()
@@ -939,18 +945,19 @@ func (f *fakeReplica) WaitFor(ctx context.Context, lsn lag.LSN) error {
 	return nil
 }
 
-func (f *fakeReplica) waits() []lag.LSN {
+func (f *fakeReplica) waits() []lag.Position {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return slices.Clone(f.waitFor)
 }
 
 func TestBookmarks(t *testing.T) {
-	const lsnText = "16/B374D848"
-	lsn, err := lag.ParseLSN(lsnText)
+	const lsnText = "16/B374D848@1:42" // the LSN, timeline 1 of system 42
+	pos, err := lag.ParsePosition(lsnText)
 	if err != nil {
 		t.Fatal(err)
 	}
+	lsn := pos.LSN
 	primaryRegion := router.Config{Region: "iad", PrimaryRegion: "iad"}
 	isPrimary := router.Config{Region: "fra", PrimaryRegion: "iad", IsPrimary: func() bool { return true }}
 	eventual := func(cfg router.Config) router.Config { cfg.Consistency = router.ConsistencyEventual; return cfg }
@@ -962,10 +969,10 @@ func TestBookmarks(t *testing.T) {
 		header     http.Header
 		lagged     bool
 		lsnErr     error
-		wantCookie bool      // a pgfly_lsn cookie with lsnText
-		wantSecure bool      // and it is Secure
-		wantWaits  []lag.LSN // the positions waited for
-		wantLag    bool      // replayed for lag, without the app
+		wantCookie bool           // a pgfly_lsn cookie with lsnText
+		wantSecure bool           // and it is Secure
+		wantWaits  []lag.Position // the positions waited for
+		wantLag    bool           // replayed for lag, without the app
 	}{
 		// In the primary region: bookmarks are handed out.
 		{name: "a POST in the primary region gets a bookmark", cfg: primaryRegion, method: http.MethodPost, wantCookie: true},
@@ -982,9 +989,17 @@ func TestBookmarks(t *testing.T) {
 		// In a replica region: bookmarks are waited for.
 		{name: "a POST in a replica region gets none", cfg: replicaRegion(), method: http.MethodPost},
 		{name: "a bookmark the replica has replayed is served here", cfg: replicaRegion(), method: http.MethodGet,
-			header: bookmark, wantWaits: []lag.LSN{lsn}},
+			header: bookmark, wantWaits: []lag.Position{pos}},
 		{name: "a bookmark the replica lags behind is replayed", cfg: replicaRegion(), method: http.MethodGet,
-			header: bookmark, lagged: true, wantWaits: []lag.LSN{lsn}, wantLag: true},
+			header: bookmark, lagged: true, wantWaits: []lag.Position{pos}, wantLag: true},
+		{name: "a bookmark of another timeline is replayed at once", cfg: replicaRegion(), method: http.MethodGet,
+			header:    http.Header{"Cookie": {"pgfly_lsn=16/B374D848@2:42"}},
+			wantWaits: []lag.Position{{LSN: lsn, Timeline: 2, SystemID: 42}}, wantLag: true},
+		{name: "a bookmark of another system is replayed at once", cfg: replicaRegion(), method: http.MethodGet,
+			header:    http.Header{"Cookie": {"pgfly_lsn=16/B374D848@1:43"}},
+			wantWaits: []lag.Position{{LSN: lsn, Timeline: 1, SystemID: 43}}, wantLag: true},
+		{name: "a bookmark without a timeline (an older pgfly's) is replayed at once", cfg: replicaRegion(), method: http.MethodGet,
+			header: http.Header{"Cookie": {"pgfly_lsn=16/B374D848"}}, wantWaits: []lag.Position{{LSN: lsn}}, wantLag: true},
 		{name: "a malformed bookmark is ignored", cfg: replicaRegion(), method: http.MethodGet,
 			header: http.Header{"Cookie": {"pgfly_lsn=16-B374D848"}}},
 		{name: "a GET without a bookmark does not wait", cfg: replicaRegion(), method: http.MethodGet, lagged: true},
@@ -1081,7 +1096,7 @@ func TestDecisions(t *testing.T) {
 		return router.Decision{Outcome: outcome, Reason: reason, Match: match}
 	}
 	precise := http.Header{"Traceparent": {traceparent(traceA)}, violationTraceHeader: {traceA}}
-	bookmark := http.Header{"Cookie": {"pgfly_lsn=0/1"}}
+	bookmark := http.Header{"Cookie": {"pgfly_lsn=0/1@1:42"}}
 	down := unreachable(t)
 	for _, tc := range []struct {
 		name      string
@@ -1163,7 +1178,7 @@ func TestWaitOutcomes(t *testing.T) {
 				cfg.ConsistencyWait = time.Minute // the client's cancellation ends the wait
 			}
 			h := start(t, cfg, reader)
-			req := h.newRequest(t, http.MethodGet, "/", nil, http.Header{"Cookie": {"pgfly_lsn=0/1"}})
+			req := h.newRequest(t, http.MethodGet, "/", nil, http.Header{"Cookie": {"pgfly_lsn=0/1@1:42"}})
 			if tc.cancel {
 				ctx, cancel := context.WithCancel(context.Background())
 				go func() {

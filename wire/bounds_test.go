@@ -278,6 +278,17 @@ func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
 	if err := <-done; err == nil {
 		t.Fatal("query into a black hole: got an answer, want pgfly's 08006 or a closed connection")
 	}
+	// The idle ones learn of it when they next speak, which is when the failure is reported:
+	// the request that uses a pooled connection next is the one in flight then.
+	if len(rw.events.Failures()) != 0 {
+		t.Fatalf("failures of idle sessions reported before their clients spoke: %+v", rw.events.Failures())
+	}
+	for _, c := range []*pgx.Conn{idle, writer} {
+		var pe *pgconn.PgError
+		if _, err := c.Exec(ctx, "select 1"); !errors.As(err, &pe) || pe.Code != "08006" {
+			t.Errorf("next query on an idle session whose upstream was lost: got %v, want pgfly's FATAL 08006", err)
+		}
+	}
 	for _, e := range append(r.events.Closed(), rw.events.Closed()...) {
 		if !strings.HasPrefix(e.Reason, "upstream connection lost") {
 			t.Errorf("session %d ended with %q, want upstream connection lost", e.ID, e.Reason)
@@ -316,11 +327,13 @@ func TestFenceStartsSessionsReadOnly(t *testing.T) {
 		t.Fatalf("the client's other parameters: application_name %q, %v; want fenced", app, err)
 	}
 	// Fenced ends the sessions opened before the fence, saying whether each wrote.
-	r.connect(t) // opened while fenced, and ended too: Fenced does not tell them apart
+	third := r.connect(t) // opened while fenced, and ended too: Fenced does not tell them apart
 	r.Fenced()
 	waitFor(t, 10*time.Second, "the open sessions to end", func() bool { return r.OpenSessions() == 0 })
-	if _, err := open.Exec(ctx, "insert into "+table+" values (2)"); err == nil {
-		t.Fatal("insert on a session opened before the fence, after Fenced: got no error, want its end")
+	for _, c := range []*pgx.Conn{open, conn, third} { // idle: each learns of it when it speaks
+		if _, err := c.Exec(ctx, "insert into "+table+" values (2)"); !errors.As(err, &pe) || pe.Code != "57P01" {
+			t.Fatalf("insert on a session ended by Fenced: got %v, want FATAL 57P01", err)
+		}
 	}
 	wrote := map[bool]int{}
 	for _, f := range r.events.Failures() {

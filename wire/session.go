@@ -46,6 +46,9 @@ type session struct {
 	undone      bool // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
 	copyIn      bool // a COPY FROM STDIN is running
 	serverFatal bool // the server sent a FATAL or PANIC error
+	// deferred is a FATAL 57P the server sent while the session was idle, held back from
+	// the client until relay reports it (see report).
+	deferred *UpstreamFailure
 
 	units units           // sent and not yet answered; shared, with its own mutex
 	stmts statementTraces // owned by the client-to-server goroutine
@@ -287,6 +290,9 @@ func (ss *session) relay() SessionEnd {
 			ss.srv.upstream.name, ss.login.timeout), tell)
 	case errors.Is(first.err, io.EOF) && ss.serverFatal:
 		end.Reason = "upstream closed the session"
+		if ss.deferred != nil { // a FATAL 57P that the idle client has not been shown
+			ss.report(*ss.deferred, tell)
+		}
 	default:
 		end.Reason = "upstream connection lost"
 		if first.err != nil && !errors.Is(first.err, io.EOF) {
@@ -299,13 +305,69 @@ func (ss *session) relay() SessionEnd {
 	return end
 }
 
-// failed reports an UpstreamFailure with what the client is told (FATAL code, msg), and then
-// tells it. Both pumps have returned, so the session's write state is settled.
+// failed reports an UpstreamFailure with what the client is told (FATAL code, msg), and tells
+// it (see report).
 func (ss *session) failed(cause, code, msg string, tell func(code, msg string)) {
-	ss.srv.obs.UpstreamFailed(UpstreamFailure{SessionID: ss.info.ID, Time: time.Now(), Cause: cause,
-		Code: code, Message: msg, Wrote: ss.committed || ss.wrote})
-	tell(code, msg)
+	ss.report(UpstreamFailure{SessionID: ss.info.ID, Cause: cause, Code: code, Message: msg}, tell)
 }
+
+// deadSessionHold is how long the client of a session whose upstream failed while it was idle
+// is held before it is told, should it not speak first (see report).
+const deadSessionHold = time.Minute
+
+// report reports f to the observer and tells the client. Both pumps have returned, so the
+// session's state is settled. A busy session's failure belongs to the request using it now:
+// it is reported at once, before the client is told. An idle session's (a connection resting
+// in the app's pool) belongs to whichever request uses the connection next, which has not
+// come yet: its client is held, told nothing, until it sends its next message (up to
+// deadSessionHold, or until pgfly shuts down), and the failure is reported then, when that
+// request is in flight, and only then told. A client that sends Terminate is let go quietly.
+func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
+	if ss.busy() {
+		ss.emit(f)
+		tell(f.Code, f.Message)
+		return
+	}
+	// The session is over but for this wait: its upstream connection and its place among
+	// the open sessions (and under MaxClientConn) are given up now.
+	ss.upstream.Close()
+	ss.srv.unregister(ss)
+	var b [1]byte
+	for hold := time.Now().Add(deadSessionHold); time.Now().Before(hold); {
+		select {
+		case <-ss.srv.closed:
+			tell(f.Code, f.Message)
+			return
+		default:
+		}
+		step := time.Now().Add(time.Second)
+		if step.After(hold) {
+			step = hold
+		}
+		ss.client.SetReadDeadline(step)
+		n, err := ss.client.Read(b[:])
+		switch {
+		case n > 0 && b[0] == 'X':
+			return
+		case n > 0:
+			ss.emit(f)
+			tell(f.Code, f.Message)
+			return
+		case !errors.Is(err, os.ErrDeadlineExceeded):
+			return // the client is gone
+		}
+	}
+	tell(f.Code, f.Message)
+}
+
+// emit hands f, stamped now, to the observer.
+func (ss *session) emit(f UpstreamFailure) {
+	f.Time, f.Wrote = time.Now(), ss.committed || ss.wrote
+	ss.srv.obs.UpstreamFailed(f)
+}
+
+// busy reports whether the client waits for an answer: a request is using the session.
+func (ss *session) busy() bool { return ss.pending.Load() > 0 || ss.unsynced.Load() }
 
 // pumpResult is how a copy goroutine ended.
 type pumpResult struct {
@@ -455,7 +517,9 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 	case 'H':
 		ss.copyIn = false
 	case 'E':
-		ss.noteError(body)
+		if ss.noteError(body) {
+			return suppressed, nil
+		}
 	case 'K':
 		if len(body) < 8 {
 			return nil, &protocolError{"invalid BackendKeyData"}
@@ -504,14 +568,23 @@ func (ss *session) noteCommand(body []byte) {
 	}
 }
 
-// noteError reports read-only violations and remembers fatal errors.
-func (ss *session) noteError(body []byte) {
+// suppressed is an inspect replacement that forwards nothing.
+var suppressed = []byte{}
+
+// noteError reports read-only violations and remembers fatal errors. It returns true to hold
+// the error back: a FATAL 57P (admin or crash shutdown, cannot connect now) sent to an idle
+// session, which relay reports when the client next speaks (see report).
+func (ss *session) noteError(body []byte) (hold bool) {
 	f := parseError(body)
 	if string(f.severity) == "FATAL" || string(f.severity) == "PANIC" {
 		ss.serverFatal = true
-		if bytes.HasPrefix(f.code, []byte("57P")) { // admin or crash shutdown, cannot connect now
-			ss.srv.obs.UpstreamFailed(UpstreamFailure{SessionID: ss.info.ID, Time: time.Now(), Cause: FailShutdown,
-				Code: string(f.code), Message: string(f.message), Wrote: ss.committed || ss.wrote})
+		if bytes.HasPrefix(f.code, []byte("57P")) {
+			failure := UpstreamFailure{SessionID: ss.info.ID, Cause: FailShutdown, Code: string(f.code), Message: string(f.message)}
+			if !ss.busy() {
+				ss.deferred = &failure
+				return true
+			}
+			ss.emit(failure)
 		}
 	}
 	status := TxStatus(ss.txStatus.Load())
@@ -519,7 +592,7 @@ func (ss *session) noteError(body []byte) {
 		ss.wrote, ss.undone = false, false // an implicit transaction rolled back
 	}
 	if !isStandbyRefusal(f.code) {
-		return
+		return false
 	}
 	u := ss.units.current()
 	v := ReadOnlyViolation{
@@ -534,6 +607,7 @@ func (ss *session) noteError(body []byte) {
 		v.TraceID = string(u.trace[:])
 	}
 	ss.srv.obs.ReadOnly(v)
+	return false
 }
 
 // errorFields are the fields of an ErrorResponse the relay acts on. They alias the message.

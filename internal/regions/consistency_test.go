@@ -219,6 +219,8 @@ func writeThenRead(ctx context.Context, c *http.Client, edgeURL, name string) (r
 func TestMalformedAndForgedBookmarks(t *testing.T) {
 	const wait = 2 * time.Second
 	w := start(t, regions.Options{ConsistencyWait: wait})
+	st := w.Replica.Sidecar.Status()
+	history := fmt.Sprintf("@%d:%d", st.Timeline, st.SystemID) // the replica's timeline and system
 
 	for _, tc := range []struct {
 		name, value string
@@ -231,7 +233,8 @@ func TestMalformedAndForgedBookmarks(t *testing.T) {
 		{"a 0x prefix", "0x1/0"},
 		{"nine hex digits", "100000000/0"},
 		{"very long", strings.Repeat("F", 4000)},
-		{"a position the replica has passed", "0/0"},
+		{"a position the replica has passed", "0/0" + history},
+		{"a timeline that is not a number", "0/0@x:1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := do(t, http.MethodGet, w.EdgeURL+"/healthz", nil, http.Header{"Cookie": {router.BookmarkCookie + "=" + tc.value}})
@@ -247,7 +250,7 @@ func TestMalformedAndForgedBookmarks(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			got, err := send(ctx, http.DefaultClient, http.MethodGet, w.EdgeURL+"/healthz", nil,
-				http.Header{"Cookie": {router.BookmarkCookie + "=FFFFFFFF/FFFFFFFF"}})
+				http.Header{"Cookie": {router.BookmarkCookie + "=FFFFFFFF/FFFFFFFF" + history}})
 			if err != nil {
 				forgedErr <- err
 				return
@@ -279,6 +282,25 @@ func TestMalformedAndForgedBookmarks(t *testing.T) {
 			t.Errorf("replays for lag: got an increase of %v, want 1", d)
 		}
 	})
+
+	// A position the replica passed long ago, but on another timeline (a failover) or of
+	// another system, or of no known timeline (a bookmark from before they carried one), is
+	// not compared: it goes to the primary region at once.
+	for _, value := range []string{
+		fmt.Sprintf("0/0@%d:%d", st.Timeline+1, st.SystemID),
+		fmt.Sprintf("0/0@%d:%d", st.Timeline, st.SystemID+1),
+		"0/0",
+	} {
+		t.Run("the bookmark "+value+" is replayed at once", func(t *testing.T) {
+			before := scrape(t, w.Replica.AdminURL)
+			got := do(t, http.MethodGet, w.EdgeURL+"/healthz", nil, http.Header{"Cookie": {router.BookmarkCookie + "=" + value}})
+			wantReply(t, got, http.StatusOK, "iad", "fra>iad")
+			after := scrape(t, w.Replica.AdminURL)
+			if d := delta(before, after, "pgfly_bookmark_wait_seconds", map[string]string{"outcome": "other_history"}); d != 1 {
+				t.Errorf("bookmark waits for another history: got an increase of %v, want 1", d)
+			}
+		})
+	}
 }
 
 // TestBookmarkCookie checks the cookie the primary region hands out, on its shim directly.
@@ -308,12 +330,15 @@ func TestBookmarkCookie(t *testing.T) {
 			if c == nil {
 				t.Fatalf("got Set-Cookie %q, want a %s cookie", got.header.Values("Set-Cookie"), router.BookmarkCookie)
 			}
-			lsn, err := lag.ParseLSN(c.Value)
+			pos, err := lag.ParsePosition(c.Value)
 			if err != nil {
 				t.Fatalf("bookmark %q: %v", c.Value, err)
 			}
-			if lsn <= walBefore {
-				t.Errorf("got bookmark %v, want past the primary's WAL position %v before the write", lsn, walBefore)
+			if pos.LSN <= walBefore {
+				t.Errorf("got bookmark %v, want past the primary's WAL position %v before the write", pos, walBefore)
+			}
+			if st := w.Replica.Sidecar.Status(); pos.Timeline == 0 || pos.Timeline != st.Timeline || pos.SystemID != st.SystemID {
+				t.Errorf("got bookmark %v, want it on the replica's timeline %d of system %d", pos, st.Timeline, st.SystemID)
 			}
 			if c.Path != "/" || !c.HttpOnly || c.SameSite != http.SameSiteLaxMode || c.MaxAge <= 0 || c.Secure != tc.secure {
 				t.Errorf("got Path=%q HttpOnly=%v SameSite=%v Max-Age=%d Secure=%v, want Path=\"/\" HttpOnly=true SameSite=%v Max-Age>0 Secure=%v",

@@ -41,7 +41,7 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		}, []string{"reason", "match", "route", "outcome"}),
 		bookmarkWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "pgfly_bookmark_wait_seconds",
-			Help:    "Time requests with a bookmark waited for the replica, by outcome (caught_up, timeout, unreachable, cancelled).",
+			Help:    "Time requests with a bookmark waited for the replica, by outcome (caught_up, timeout, unreachable, other_history, cancelled).",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"outcome"}),
 		tainted: prometheus.NewHistogram(prometheus.HistogramOpts{
