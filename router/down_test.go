@@ -1,9 +1,12 @@
 package router_test
 
 import (
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -98,4 +101,127 @@ func mustRoutes(tb testing.TB, s string) router.RoutePatterns {
 		tb.Fatal(err)
 	}
 	return p
+}
+
+// downPair is an app with /a and /b in flight at once: /a's session fails (with the trace id
+// traceOf gives) once /b has arrived, and each answers with its status from status.
+func downPair(traceID string, status map[string]int) func(*router.Shim) http.Handler {
+	return func(shim *router.Shim) http.Handler {
+		bArrived, failed := make(chan struct{}), make(chan struct{})
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/a":
+				if !await(r, bArrived) {
+					http.Error(w, "/b never arrived", http.StatusGatewayTimeout)
+					return
+				}
+				f := failure()
+				f.TraceID = traceID
+				shim.UpstreamFailed(f, false)
+				close(failed)
+			case "/b":
+				close(bArrived)
+				if !await(r, failed) {
+					http.Error(w, "/a never failed", http.StatusGatewayTimeout)
+					return
+				}
+			}
+			w.WriteHeader(status[r.URL.Path])
+			io.WriteString(w, appBody)
+		})
+	}
+}
+
+func TestUpstreamFailureSparesWhatItDidNotBreak(t *testing.T) {
+	headers := []http.Header{{"Traceparent": {traceparent(traceA)}}, {"Traceparent": {traceparent(traceB)}}}
+	t.Run("an answer the app still gave stands", func(t *testing.T) {
+		h := start(t, replicaRegion(), downPair("", map[string]int{"/a": 500, "/b": 200}))
+		a, b := sendPair(t, h, headers[0], headers[1])
+		wantFlyReplay(t, a, "pgfly_replica_down")
+		wantAppReply(t, b, http.StatusOK)
+	})
+	t.Run("the trace id of the statement in flight names its request", func(t *testing.T) {
+		h := start(t, replicaRegion(), downPair(traceA, map[string]int{"/a": 500, "/b": 500}))
+		a, b := sendPair(t, h, headers[0], headers[1])
+		wantFlyReplay(t, a, "pgfly_replica_down")
+		wantAppReply(t, b, http.StatusInternalServerError) // its own error, not the outage
+	})
+}
+
+func TestWriteCommittedBeforeTheRegionKnewIsRemembered(t *testing.T) {
+	// A promoted upstream is taken for the primary until two primaries are seen; a write
+	// committed meanwhile must still keep its request from being replayed later.
+	var primary atomic.Bool
+	primary.Store(true)
+	cfg := replicaRegion()
+	cfg.IsPrimary = primary.Load
+	h := start(t, cfg, func(shim *router.Shim) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			shim.WriteCommitted(time.Now())
+			primary.Store(false) // two primaries seen: the region replays again
+			shim.UpstreamFailed(failure(), false)
+			w.WriteHeader(http.StatusInternalServerError)
+			io.WriteString(w, appBody)
+		})
+	})
+	wantAppReply(t, h.send(t, http.MethodPost, "/items", strings.NewReader("name=a"), nil), http.StatusInternalServerError)
+}
+
+func TestAnOutageTeachesNoRoute(t *testing.T) {
+	// Two reads in flight; a refusal of someone's statement taints both (by overlap, naming
+	// neither), then the database goes away and the app fails both. They are replayed, but
+	// failing for an outage is not evidence that GET /items/* writes.
+	var mu sync.Mutex
+	var arrived chan struct{}
+	var failed chan struct{}
+	h := start(t, replicaRegion(), func(shim *router.Shim) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			arr, fail := arrived, failed
+			mu.Unlock()
+			if r.Header.Get("X-First") != "" {
+				if !await(r, arr) {
+					http.Error(w, "the second never arrived", http.StatusGatewayTimeout)
+					return
+				}
+				shim.ReadOnly(violation(""))
+				shim.UpstreamFailed(failure(), false)
+				close(fail)
+			} else if arr != nil {
+				close(arr)
+				if !await(r, fail) {
+					http.Error(w, "the first never failed", http.StatusGatewayTimeout)
+					return
+				}
+			}
+			w.WriteHeader(http.StatusInternalServerError)
+			io.WriteString(w, appBody)
+		})
+	})
+	for i := range 2 * router.LearnRefusals {
+		mu.Lock()
+		arrived, failed = make(chan struct{}), make(chan struct{})
+		mu.Unlock()
+		first := h.newRequest(t, http.MethodGet, fmt.Sprintf("/items/%d", 2*i), nil, http.Header{"X-First": {"1"}})
+		second := h.newRequest(t, http.MethodGet, fmt.Sprintf("/items/%d", 2*i+1), nil, nil)
+		var a, b reply
+		var errA, errB error
+		var wg sync.WaitGroup
+		wg.Go(func() { a, errA = h.try(first) })
+		wg.Go(func() { b, errB = h.try(second) })
+		wg.Wait()
+		if err := errors.Join(errA, errB); err != nil {
+			t.Fatal(err)
+		}
+		wantFlyReplay(t, a, "pgfly_read_only")
+		wantFlyReplay(t, b, "pgfly_read_only")
+	}
+	mu.Lock()
+	arrived = nil
+	mu.Unlock()
+	before := h.appHits.Load()
+	h.send(t, http.MethodGet, "/items/99", nil, nil)
+	if h.appHits.Load() != before+1 {
+		t.Errorf("GET /items/99 was sent to the primary region before the app ran it: an outage taught the route")
+	}
 }

@@ -31,13 +31,17 @@ type request struct {
 
 	mu        sync.Mutex
 	started   bool       // the response has been decided and may be on its way
-	taint     *Violation // the violation that tainted it, if any
+	taint     *Violation // the first standby refusal that tainted it, if any
 	match     Match
 	named     bool // the refusal named this request: a precise match or the only candidate
 	appFailed bool // the app answered a server error or did not answer
 	appStatus int  // the app's status code, once it answered
 	gone      bool // the client went away before the app answered
 	wrote     bool // a write committed in this region while it ran: never replayed
+	// down is the first upstream failure that tainted it: replayed only if the app failed
+	// it, and never evidence about its route.
+	down      *Violation
+	downMatch Match
 }
 
 type ctxKey struct{}
@@ -89,7 +93,7 @@ func (s *Shim) untrack(req *request) {
 		return
 	}
 	req.mu.Lock()
-	down := req.taint != nil && req.taint.Down
+	down := req.down != nil
 	refused := req.taint != nil && (req.named || req.appFailed && !req.gone)
 	clean := req.taint == nil
 	req.mu.Unlock()
@@ -183,24 +187,38 @@ func (s *Shim) candidates(sentAt time.Time) []*request {
 
 // UpstreamFailed taints the requests that may have used a session for which pgfly could not
 // reach the nearby database, or lost it, so that they are replayed in the primary region
-// (state pgfly_replica_down): a replica outage costs a detour, not an error. The relay knows
-// the session wrote nothing; were it not so (wrote: a promoted upstream), nothing is tainted
-// and the requests in flight are never replayed, as after WriteCommitted. Tainting is by
-// overlap, as the failure may come before any statement carried a trace id, and is not
-// evidence that a route writes.
-func (s *Shim) UpstreamFailed(v Violation, wrote bool) {
+// (state pgfly_replica_down) if the app fails them: a replica outage costs a detour, not an
+// error. The request whose trace id the session's statement in flight carried is tainted
+// alone; else every candidate is, by overlap, as the failure may come before any statement.
+// A tainted request that the app still answers with less than a server error keeps its
+// answer, and none is evidence that a route writes. unsafe: the session may have written (a
+// write committed, or a statement was cut off on a primary); then nothing is tainted and the
+// requests in flight are never replayed, as after WriteCommitted.
+func (s *Shim) UpstreamFailed(v Violation, unsafe bool) {
 	if s.primary() {
 		return // nowhere else to go
 	}
-	if wrote {
-		s.log.Error("lost a session that wrote in a replica region: its requests are not replayed, the write may have committed",
-			zap.Uint64("session", v.SessionID), zap.String("error", v.Message))
-		s.WriteCommitted(v.Time)
+	if unsafe {
+		n := s.markWrote(v.Time)
+		s.log.Error("lost a session that may have written in a replica region: the requests in flight are not replayed",
+			zap.Uint64("session", v.SessionID), zap.String("error", v.Message), zap.Int("requests", n))
 		return
 	}
 	v.Down = true
+	candidates := s.candidates(v.SentAt)
+	if v.TraceID != "" {
+		var precise []*request
+		for _, r := range candidates {
+			if r.traceID == v.TraceID {
+				precise = append(precise, r)
+			}
+		}
+		if len(precise) == 1 {
+			candidates = precise
+		}
+	}
 	tainted, started := 0, 0
-	for _, r := range s.candidates(v.SentAt) {
+	for _, r := range candidates {
 		if r.taintWith(&v, MatchOverlap, false) {
 			tainted++
 		} else {
@@ -215,22 +233,27 @@ func (s *Shim) UpstreamFailed(v Violation, wrote bool) {
 }
 
 // WriteCommitted makes the requests in flight that started before at unreplayable: in a
-// replica region a write committed only because the upstream is a primary now, and a replay
-// of the request that made it would write twice. Cheap in the primary region, where writes
-// are the rule and nothing is replayed.
+// replica region a write committed only because the upstream is a primary now (promoted, and
+// perhaps not yet seen as two primaries), and a replay of the request that made it would write
+// twice. The caller leaves out writes from an upstream it sees in recovery.
 func (s *Shim) WriteCommitted(at time.Time) {
-	if s.primary() {
-		return
+	if s.cfg.Region == s.cfg.PrimaryRegion {
+		return // writes are the rule here, and nothing is replayed
 	}
-	n := 0
-	for _, r := range s.candidates(at) {
+	n := s.markWrote(at)
+	s.log.Warn("a write committed in a replica region: is the upstream a primary? The requests in flight will not be replayed",
+		zap.String("region", s.cfg.Region), zap.Int("requests", n))
+}
+
+// markWrote makes the requests in flight that started before at unreplayable, and counts them.
+func (s *Shim) markWrote(at time.Time) int {
+	candidates := s.candidates(at)
+	for _, r := range candidates {
 		r.mu.Lock()
 		r.wrote = true
 		r.mu.Unlock()
-		n++
 	}
-	s.log.Warn("a write committed in a replica region: is the upstream a primary? The requests in flight will not be replayed",
-		zap.String("region", s.cfg.Region), zap.Int("requests", n))
+	return len(candidates)
 }
 
 func (s *Shim) observeRefusal(tainted int) {
@@ -247,7 +270,12 @@ func (r *request) taintWith(v *Violation, match Match, named bool) bool {
 	if r.started {
 		return false
 	}
-	if r.taint == nil {
+	switch {
+	case v.Down:
+		if r.down == nil {
+			r.down, r.downMatch = v, match
+		}
+	case r.taint == nil:
 		r.taint, r.match = v, match
 	}
 	r.named = r.named || named
@@ -265,10 +293,15 @@ func (r *request) begin(status int) (*Violation, Match) {
 		r.appStatus = status
 	}
 	r.appFailed = r.appFailed || r.appStatus == 0 || r.appStatus >= 500
-	if r.wrote {
+	switch {
+	case r.wrote:
 		return nil, "" // its answer stands: a replay could write twice
+	case r.taint != nil:
+		return r.taint, r.match
+	case r.down != nil && r.appFailed:
+		return r.down, r.downMatch
 	}
-	return r.taint, r.match
+	return nil, "" // untainted, or the database went away but not from under this answer
 }
 
 // clientGone records that the client went away before the app answered: not the app failing,

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgfly/pgfly/internal/netns"
 	"github.com/pgfly/pgfly/internal/pgcluster"
@@ -348,5 +350,106 @@ func TestFenceStartsSessionsReadOnly(t *testing.T) {
 	fenced.Store(false)
 	if _, err := r.connect(t).Exec(ctx, "insert into "+table+" values (3)"); err != nil {
 		t.Fatalf("insert once the fence is lifted: %v", err)
+	}
+}
+
+// copyRows is COPY text input: n rows of a key and 200 bytes.
+type copyRows struct {
+	i, n int
+	buf  []byte
+}
+
+func (r *copyRows) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.i >= r.n {
+			return 0, io.EOF
+		}
+		r.i++
+		r.buf = fmt.Appendf(nil, "%d\t%s\n", r.i, strings.Repeat("y", 200))
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
+}
+
+func TestALiveServerThatStopsReadingIsNotADeadLink(t *testing.T) {
+	// A COPY that waits on a row lock stops the server reading: the link's window closes,
+	// but the server's kernel answers every probe. That is a running query, not a dead link.
+	r := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{TCPUserTimeout: time.Second})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	admin := primaryRelay(t).connect(t)
+	table := fmt.Sprintf("copy_lock_%d", time.Now().UnixNano())
+	if _, err := admin.Exec(ctx, "create table "+table+" (k int primary key, v text)"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Exec(context.Background(), "drop table "+table) })
+	tx, err := admin.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "insert into "+table+" values (1, 'x')"); err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(4 * time.Second); tx.Rollback(context.Background()) }()
+	tag, err := r.connect(t).PgConn().CopyFrom(ctx, &copyRows{n: 200000}, "copy "+table+" from stdin")
+	if err != nil || tag.RowsAffected() != 200000 {
+		t.Fatalf("COPY that waited 4s on a lock, with TCPUserTimeout 1s: got %v, %v; want 200000 rows", tag, err)
+	}
+}
+
+func TestAClientThatHangsUpIsNotAnUpstreamFailure(t *testing.T) {
+	r := replicaRelay(t)
+	for range 5 {
+		c := r.connect(t)
+		hj, err := c.PgConn().Hijack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := (&pgproto3.Query{String: "select repeat('x', 1000) from generate_series(1, 1000000)"}).Encode(nil)
+		hj.Conn.Write(b)
+		hj.Conn.Read(make([]byte, 1<<16)) // the rows are coming
+		hj.Conn.Close()
+	}
+	waitFor(t, 30*time.Second, "the sessions to end", func() bool { return r.OpenSessions() == 0 })
+	if f := r.events.Failures(); len(f) != 0 {
+		t.Errorf("clients that hung up mid-result were reported as upstream failures: %+v", f)
+	}
+	for _, e := range r.events.Closed() {
+		if !strings.HasPrefix(e.Reason, "client disconnected") {
+			t.Errorf("session %d ended with %q, want client disconnected", e.ID, e.Reason)
+		}
+	}
+}
+
+func TestFencedWaitsForTheStatementInFlight(t *testing.T) {
+	var fenced atomic.Bool
+	r := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Fence: fenced.Load})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin := primaryRelay(t).connect(t)
+	table := fmt.Sprintf("fence_busy_%d", time.Now().UnixNano())
+	if _, err := admin.Exec(ctx, "create table "+table+" (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Exec(context.Background(), "drop table "+table) })
+	c := r.connect(t)
+	done := execAsync(ctx, c, "insert into "+table+" select 1 from pg_sleep(1)")
+	waitFor(t, 10*time.Second, "the insert to run", func() bool {
+		var n int
+		admin.QueryRow(ctx, "select count(*) from pg_stat_activity where query like 'insert into "+table+"%' and state = 'active'").Scan(&n)
+		return n == 1
+	})
+	fenced.Store(true)
+	r.Fenced()
+	if err := <-done; err != nil {
+		t.Fatalf("the insert running when Fenced came: got %v, want its answer", err)
+	}
+	var pe *pgconn.PgError
+	if _, err := c.Exec(ctx, "select 1"); !errors.As(err, &pe) || pe.Code != "57P01" {
+		t.Fatalf("the next statement: got %v, want FATAL 57P01", err)
+	}
+	if f := r.events.Failures(); len(f) != 1 || f[0].Cause != wire.FailFenced || !f[0].Wrote {
+		t.Fatalf("failures: got %+v, want one fenced session that wrote", f)
 	}
 }

@@ -80,9 +80,11 @@ type WriteCommitted struct {
 // UpstreamFailure is reported when a session cannot reach its upstream or loses it: the dial
 // failed, the upstream did not answer the login in time, it ended the session with a FATAL
 // of class 57P (shutting down, crashed, not accepting connections yet), or the connection
-// broke. It is delivered before the client is told. A standby cannot have written for the
-// session; Wrote says whether the relay saw a write anyway (the upstream was promoted), in
-// which case whoever ran the session's work must not run it again elsewhere.
+// broke, or Server.Fenced ended it. It is delivered before the client is told; for a session
+// that was idle (a connection resting in a pool), when its client next speaks. A standby
+// cannot have written for the session; Wrote and Busy say whether it may have anyway (the
+// upstream was promoted), in which case whoever ran the session's work must not run it again
+// elsewhere.
 type UpstreamFailure struct {
 	SessionID uint64 // 0 when the session never reached the upstream
 	Time      time.Time
@@ -92,6 +94,11 @@ type UpstreamFailure struct {
 	// Wrote: a write of this session committed, or its open transaction wrote and may have
 	// committed before the connection broke.
 	Wrote bool
+	// Busy: a statement was in flight, whose outcome is unknown. On a standby it cannot have
+	// written; on a primary (a promoted or fenced upstream) it may have committed.
+	Busy bool
+	// TraceID is the trace id of the statement in flight (see ReadOnlyViolation), or "".
+	TraceID string
 }
 
 // Causes of an UpstreamFailure.

@@ -201,8 +201,18 @@ func (p *pump) write(b []byte) error {
 	if err != nil && n > 0 && n < len(b) {
 		p.midMessage = true // the peer may hold part of a message: nothing may follow it
 	}
-	return err
+	if err != nil {
+		return &writeError{err}
+	}
+	return nil
 }
+
+// writeError is a pump's failure to write to dst, as opposed to reading src: it tells which
+// of a session's two connections failed.
+type writeError struct{ err error }
+
+func (e *writeError) Error() string { return e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
 
 func (p *pump) count(n int64) {
 	p.n += n

@@ -51,10 +51,13 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// StartupTimeout bounds how long a client may take to send its startup packet.
 	StartupTimeout time.Duration
-	// TCPUserTimeout is TCP_USER_TIMEOUT on upstream sockets, with TCP keepalive probes
-	// to match, so that a dead link frees its sessions after about this long whether the
-	// session is idle or waiting for an answer; negative leaves the kernel's defaults. It
-	// never ends a running query on a live link: the server's kernel acknowledges.
+	// TCPUserTimeout bounds how long an upstream link may acknowledge nothing: a dead link
+	// (a black hole) ends its sessions after about this long, an idle one through TCP
+	// keepalive probes, a busy one through the relay's watch on unacknowledged data (see
+	// watchLinks). It never ends a running query on a live link, however long the server
+	// takes or stops reading: its kernel still acknowledges. (The kernel's TCP_USER_TIMEOUT
+	// is not used: it ends a connection whose server stops reading, such as a COPY waiting
+	// on a lock, as if the link were dead.) Negative: Go's keepalive defaults, no watch.
 	TCPUserTimeout time.Duration
 	// MaxClientConn bounds the client connections held at once, in their startup or
 	// relaying; past it a client is answered FATAL 53300 after its startup packet.
@@ -167,6 +170,9 @@ func (s *Server) Serve() error {
 		if err := s.Listen(); err != nil {
 			return err
 		}
+	}
+	if s.cfg.TCPUserTimeout > 0 {
+		go s.watchLinks()
 	}
 	s.log.Info("listening", zap.String("addr", s.ln.Addr().String()), zap.String("upstream", s.upstream.name))
 	var backoff time.Duration
@@ -285,15 +291,53 @@ func (s *Server) stopAccepting() error {
 // Fenced ends every open session, for Config.Fence turning true: each client is told FATAL
 // 57P01 and reconnects to a fenced session, and each session is reported as an
 // UpstreamFailure (cause "fenced") with whether it wrote, so that the requests of those that
-// did not may be replayed. Sessions that are starting are fenced by Config.Fence.
+// did not may be replayed. A session running a statement ends at its next ReadyForQuery: cut
+// off, the statement could commit on the fenced primary unseen. Sessions that are starting
+// are fenced by Config.Fence.
 func (s *Server) Fenced() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for ss := range s.sessions {
+		if ss.busy() {
+			ss.fenceAtIdle.Store(true)
+			if ss.busy() {
+				continue
+			}
+		}
 		ss.stop(errFenced)
 	}
 	if n := len(s.sessions); n > 0 {
 		s.log.Warn("ended the open sessions of a fenced upstream", zap.Int("sessions", n), zap.String("upstream", s.upstream.name))
+	}
+}
+
+// watchLinks ends, until the server closes, the sessions whose upstream has left data
+// unacknowledged for TCPUserTimeout: a busy session on a dead link, which keepalive does not
+// probe (the kernel would retransmit for about 15 minutes). It looks a few times per timeout,
+// one getsockopt per session.
+func (s *Server) watchLinks() {
+	t := time.NewTicker(max(s.cfg.TCPUserTimeout/4, 100*time.Millisecond))
+	defer t.Stop()
+	var open []*session
+	for {
+		select {
+		case <-s.closed:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		open = open[:0]
+		for ss := range s.sessions {
+			open = append(open, ss)
+		}
+		s.mu.Unlock()
+		for _, ss := range open {
+			if silence, ok := unackedSilence(ss.upstream); ok && silence >= s.cfg.TCPUserTimeout {
+				s.log.Warn("upstream link dead: nothing acknowledged", zap.Uint64("session", ss.info.ID),
+					zap.String("upstream", s.upstream.name), zap.Duration("silence", silence))
+				ss.stop(errLinkDead)
+			}
+		}
 	}
 }
 

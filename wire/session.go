@@ -23,6 +23,7 @@ var (
 	errTooManyFiles = syscall.EMFILE
 	errShutdown     = errors.New("pgfly is shutting down")
 	errFenced       = errors.New("pgfly fenced the upstream")
+	errLinkDead     = errors.New("the upstream acknowledged nothing")
 )
 
 // session is one client connection and its upstream connection.
@@ -35,10 +36,11 @@ type session struct {
 	startup   []byte // the client's StartupMessage, forwarded raw
 
 	// Shared between the two copy goroutines.
-	pending    atomic.Int32 // ReadyForQuery messages the client is owed
-	unsynced   atomic.Bool  // an Execute was sent and no Sync after it
-	txStatus   atomic.Uint32
-	terminated atomic.Bool // the client sent Terminate
+	pending     atomic.Int32 // ReadyForQuery messages the client is owed
+	unsynced    atomic.Bool  // an Execute was sent and no Sync after it
+	txStatus    atomic.Uint32
+	terminated  atomic.Bool // the client sent Terminate
+	fenceAtIdle atomic.Bool // Fenced came while it was busy: it ends at its next ReadyForQuery
 
 	// Owned by the server-to-client goroutine.
 	wrote       bool // the current transaction wrote
@@ -255,6 +257,10 @@ func (ss *session) relay() SessionEnd {
 			ss.client.Write(errorMessage("FATAL", code, msg))
 		}
 	}
+	// Which connection failed: a pump returns when it cannot read its source or write to its
+	// destination, and the client's is the source of one and the destination of the other.
+	var we *writeError
+	clientSide := first.fromClient != errors.As(first.err, &we)
 	var pe *protocolError
 	switch {
 	case ss.stopCause == errShutdown:
@@ -264,14 +270,18 @@ func (ss *session) relay() SessionEnd {
 		end.Reason = "fenced"
 		ss.failed(FailFenced, codeAdminShutdown, fmt.Sprintf("terminating connection because upstream %s is a primary beside the real one: "+
 			"reconnect, new sessions are read-only and their writes go to the primary region", ss.srv.upstream.name), tell)
+	case ss.stopCause == errLinkDead:
+		end.Reason = "upstream connection lost: nothing acknowledged"
+		ss.failed(FailLost, codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s: it acknowledged nothing for %v",
+			ss.srv.upstream.name, ss.srv.cfg.TCPUserTimeout), tell)
 	case ss.terminated.Load():
 		end.Reason = "client terminated"
-	case first.fromClient && errors.As(first.err, &pe):
+	case clientSide && errors.As(first.err, &pe):
 		end.Reason, end.ProtocolError = "client protocol violation: "+pe.msg, true
 		ss.srv.log.Warn("client protocol violation", zap.Uint64("session", ss.info.ID), zap.Error(first.err))
 		tell(codeProtocolViolation, "pgfly: "+pe.msg)
 		ss.cancelIfBusy()
-	case first.fromClient:
+	case clientSide:
 		end.Reason = "client disconnected"
 		if first.err == io.ErrUnexpectedEOF {
 			end.Reason = "client disconnected mid-message"
@@ -362,7 +372,10 @@ func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
 
 // emit hands f, stamped now, to the observer.
 func (ss *session) emit(f UpstreamFailure) {
-	f.Time, f.Wrote = time.Now(), ss.committed || ss.wrote
+	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy()
+	if u := ss.units.current(); f.Busy && u.hasTrace {
+		f.TraceID = string(u.trace[:])
+	}
 	ss.srv.obs.UpstreamFailed(f)
 }
 
@@ -371,7 +384,7 @@ func (ss *session) busy() bool { return ss.pending.Load() > 0 || ss.unsynced.Loa
 
 // pumpResult is how a copy goroutine ended.
 type pumpResult struct {
-	fromClient bool
+	fromClient bool // the client-to-upstream pump; err says which side it failed on
 	err        error
 }
 
@@ -393,6 +406,9 @@ func (ss *session) stop(cause error) {
 		if cause == errShutdown || cause == errFenced {
 			// A goroutine blocked writing to a client that reads nothing must end too.
 			ss.client.SetWriteDeadline(time.Now().Add(time.Second))
+		}
+		if cause == errLinkDead { // and one blocked writing into the dead link
+			ss.upstream.SetWriteDeadline(past)
 		}
 	})
 }
@@ -490,7 +506,9 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		if len(body) != 1 {
 			return nil, &protocolError{"invalid ReadyForQuery"}
 		}
-		ss.pending.Add(-1)
+		if ss.pending.Add(-1) <= 0 && ss.fenceAtIdle.Load() && !ss.unsynced.Load() {
+			ss.stop(errFenced) // Fenced came while a statement ran; its answer still goes out
+		}
 		ss.units.answered()
 		ss.login.end(false)
 		status := TxStatus(body[0])
@@ -568,17 +586,29 @@ func (ss *session) noteCommand(body []byte) {
 	}
 }
 
+// isShutdown tells whether a FATAL's code says the server is going away or not yet there:
+// 57P01 admin_shutdown (a fast shutdown, or pg_terminate_backend), 57P02 crash_shutdown,
+// 57P03 cannot_connect_now (starting up, shutting down). Not 57P05, an idle session's own
+// timeout, nor 57P04, a dropped database.
+func isShutdown(code []byte) bool {
+	switch string(code) {
+	case "57P01", "57P02", "57P03":
+		return true
+	}
+	return false
+}
+
 // suppressed is an inspect replacement that forwards nothing.
 var suppressed = []byte{}
 
 // noteError reports read-only violations and remembers fatal errors. It returns true to hold
-// the error back: a FATAL 57P (admin or crash shutdown, cannot connect now) sent to an idle
+// the error back: a shutdown's FATAL (see isShutdown) sent to an idle
 // session, which relay reports when the client next speaks (see report).
 func (ss *session) noteError(body []byte) (hold bool) {
 	f := parseError(body)
 	if string(f.severity) == "FATAL" || string(f.severity) == "PANIC" {
 		ss.serverFatal = true
-		if bytes.HasPrefix(f.code, []byte("57P")) {
+		if isShutdown(f.code) {
 			failure := UpstreamFailure{SessionID: ss.info.ID, Cause: FailShutdown, Code: string(f.code), Message: string(f.message)}
 			if !ss.busy() {
 				ss.deferred = &failure

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"strconv"
-	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -37,8 +36,8 @@ var errTLSRefused = errors.New("server does not support TLS")
 
 // parseUpstream reads a Postgres URL or keyword/value string. Only the address and the TLS
 // settings are used: user and password belong to the clients.
-// userTimeout is TCP_USER_TIMEOUT for TCP targets; negative leaves the kernel's defaults.
-func parseUpstream(connString string, connectTimeout, userTimeout time.Duration) (*upstream, error) {
+// linkTimeout tunes keepalive on TCP targets (see upstreamDialer).
+func parseUpstream(connString string, connectTimeout, linkTimeout time.Duration) (*upstream, error) {
 	cfg, err := pgconn.ParseConfig(connString)
 	if err != nil {
 		return nil, err
@@ -46,7 +45,7 @@ func parseUpstream(connString string, connectTimeout, userTimeout time.Duration)
 	if cfg.SSLNegotiation == "direct" {
 		return nil, errors.New("sslnegotiation=direct is not supported")
 	}
-	u := &upstream{timeout: connectTimeout, dialer: upstreamDialer(userTimeout)}
+	u := &upstream{timeout: connectTimeout, dialer: upstreamDialer(linkTimeout)}
 	if cfg.ConnectTimeout > 0 {
 		u.timeout = cfg.ConnectTimeout
 	}
@@ -116,35 +115,42 @@ func (t target) dial(ctx context.Context, d *net.Dialer) (net.Conn, error) {
 	return tc, nil
 }
 
-// upstreamDialer sets TCP keepalive and TCP_USER_TIMEOUT on the sockets it opens, so that a
-// link that went dead (a black hole: nothing refused, nothing acknowledged) ends its
-// sessions after about userTimeout. TCP_USER_TIMEOUT bounds data left unacknowledged, a
-// session waiting for its answer; the keepalive probes, sent after a third of it idle,
-// give an idle session's link something to acknowledge, and the same bound ends it.
-// Negative userTimeout leaves the kernel's defaults (Go's 15 s keepalive, and about
-// 15 minutes of retransmissions).
-func upstreamDialer(userTimeout time.Duration) net.Dialer {
-	if userTimeout < 0 {
+// upstreamDialer sets TCP keepalive on the sockets it opens, tuned so that an idle link that
+// went dead (a black hole: nothing refused, nothing acknowledged) ends its sessions after about
+// linkTimeout: probes after half of it idle, three more a sixth of it apart. A busy link is
+// watched by the relay instead (see Server.watchLinks). Negative linkTimeout leaves Go's
+// defaults (15 s idle, then 9 probes 15 s apart).
+func upstreamDialer(linkTimeout time.Duration) net.Dialer {
+	if linkTimeout < 0 {
 		return net.Dialer{}
 	}
-	probe := max(userTimeout/3, time.Second)
-	return net.Dialer{
-		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: probe, Interval: probe, Count: 3},
-		Control: func(network, _ string, rc syscall.RawConn) error {
-			if network != "tcp4" && network != "tcp6" && network != "tcp" {
-				return nil
-			}
-			var serr error
-			err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(userTimeout.Milliseconds()))
-			})
-			if err != nil {
-				return err
-			}
-			if serr != nil {
-				return fmt.Errorf("setting TCP_USER_TIMEOUT: %w", serr)
-			}
-			return nil
-		},
+	return net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true,
+		Idle: max(linkTimeout/2, time.Second), Interval: max(linkTimeout/6, time.Second), Count: 3}}
+}
+
+// unackedSilence reports, for a TCP connection with data sent and not yet acknowledged, how
+// long ago the peer last acknowledged anything; ok is false when nothing is outstanding or c
+// is not TCP. A server that stops reading (a COPY waiting on a lock) still answers the
+// kernel's window probes, so only a dead link stays silent: unlike TCP_USER_TIMEOUT, which
+// counts a zero window as failure and would end that running query.
+func unackedSilence(c net.Conn) (silence time.Duration, ok bool) {
+	if tc, isTLS := c.(*tls.Conn); isTLS {
+		c = tc.NetConn()
 	}
+	sc, isTCP := c.(*net.TCPConn)
+	if !isTCP {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var info *unix.TCPInfo
+	rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	})
+	if err != nil || info == nil || info.Unacked == 0 {
+		return 0, false
+	}
+	return time.Duration(info.Last_ack_recv) * time.Millisecond, true
 }

@@ -3,7 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -13,7 +13,7 @@ import (
 // Repeated warnings are sampled, per message: in each second the first warnFirst lines of a
 // message are written, then one in warnThereafter. A storm of bad connections (3,267 warning
 // lines for one, before) then costs tens of lines, and the next warning written says how many
-// were dropped (sampled_away). Other levels are not sampled: info lines are the sessions'
+// of it were dropped (sampled_away). Other levels are not sampled: info lines are the sessions'
 // records, and errors are rare and each one matters.
 const (
 	warnFirst      = 10
@@ -35,22 +35,44 @@ func newLogger(level string, w io.Writer) (*zap.Logger, error) {
 
 	warn := zap.LevelEnablerFunc(func(l zapcore.Level) bool { return l == zapcore.WarnLevel && lvl.Enabled(l) })
 	rest := zap.LevelEnablerFunc(func(l zapcore.Level) bool { return l != zapcore.WarnLevel && lvl.Enabled(l) })
-	dropped := new(atomic.Int64)
+	dropped := &dropCounts{n: make(map[string]int64)}
 	sampled := zapcore.NewSamplerWithOptions(dropReport{zapcore.NewCore(enc, out, warn), dropped},
 		time.Second, warnFirst, warnThereafter,
-		zapcore.SamplerHook(func(_ zapcore.Entry, d zapcore.SamplingDecision) {
+		zapcore.SamplerHook(func(e zapcore.Entry, d zapcore.SamplingDecision) {
 			if d&zapcore.LogDropped != 0 {
-				dropped.Add(1)
+				dropped.add(e.Message)
 			}
 		}))
 	return zap.New(zapcore.NewTee(sampled, zapcore.NewCore(enc.Clone(), out, rest))), nil
 }
 
+// dropCounts counts, per message, the warnings the sampler dropped since the last one
+// written. Messages are pgfly's own constant texts, so the map stays small.
+type dropCounts struct {
+	mu sync.Mutex
+	n  map[string]int64
+}
+
+func (d *dropCounts) add(msg string) {
+	d.mu.Lock()
+	d.n[msg]++
+	d.mu.Unlock()
+}
+
+// take returns and forgets the count for msg.
+func (d *dropCounts) take(msg string) int64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := d.n[msg]
+	delete(d.n, msg)
+	return n
+}
+
 // dropReport is the core under the warnings' sampler: each line it writes says how many
-// warnings the sampler dropped since the previous one, if any.
+// lines of its message the sampler dropped since the previous one, if any.
 type dropReport struct {
 	zapcore.Core
-	dropped *atomic.Int64
+	dropped *dropCounts
 }
 
 func (c dropReport) With(fields []zapcore.Field) zapcore.Core {
@@ -65,7 +87,7 @@ func (c dropReport) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.Ch
 }
 
 func (c dropReport) Write(e zapcore.Entry, fields []zapcore.Field) error {
-	if n := c.dropped.Swap(0); n > 0 {
+	if n := c.dropped.take(e.Message); n > 0 {
 		fields = append(fields[:len(fields):len(fields)], zap.Int64("sampled_away", n))
 	}
 	return c.Core.Write(e, fields)

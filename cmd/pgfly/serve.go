@@ -115,7 +115,7 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("connect-timeout", "PGFLY_CONNECT_TIMEOUT")
 	fs.DurationVar(&c.startupTimeout, "startup-timeout", wire.DefaultStartupTimeout, "how long a client may take to send its startup packet")
 	fs.bindEnv("startup-timeout", "PGFLY_STARTUP_TIMEOUT")
-	fs.DurationVar(&c.tcpUserTimeout, "tcp-user-timeout", wire.DefaultTCPUserTimeout, "TCP_USER_TIMEOUT and keepalive on upstream sockets: a dead link ends its sessions after about this long; 0 leaves the kernel's defaults")
+	fs.DurationVar(&c.tcpUserTimeout, "tcp-user-timeout", wire.DefaultTCPUserTimeout, "how long an upstream link may acknowledge nothing before its sessions end (keepalive probes while idle, a watch on unacknowledged data while busy; not the kernel's TCP_USER_TIMEOUT, which would also end a running COPY waiting on a lock); 0 leaves Go's keepalive defaults")
 	fs.bindEnv("tcp-user-timeout", "PGFLY_TCP_USER_TIMEOUT")
 	fs.IntVar(&c.maxClientConn, "max-client-conn", wire.DefaultMaxClientConn, "most client connections held at once; past it clients get FATAL 53300; 0 for no limit")
 	fs.bindEnv("max-client-conn", "PGFLY_MAX_CLIENT_CONN")

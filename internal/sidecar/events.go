@@ -53,9 +53,12 @@ func (e *events) ReadOnly(v wire.ReadOnlyViolation) {
 	}
 }
 
+// WriteCommitted: a standby commits no write (a read-only CALL has a write's tag), so only
+// from an upstream that is not seen in recovery does a write make the requests in flight
+// unreplayable.
 func (e *events) WriteCommitted(w wire.WriteCommitted) {
 	e.metrics().writes.Inc()
-	if e.shim != nil {
+	if e.shim != nil && !e.upstreamStandby() {
 		e.shim.WriteCommitted(w.Time)
 	}
 }
@@ -69,6 +72,9 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 		e.kick()
 	}
 	if e.shim != nil {
-		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code, Message: f.Message}, f.Wrote)
+		// A statement cut off on a standby wrote nothing; on a primary it may have committed.
+		unsafe := f.Wrote || f.Busy && !e.upstreamStandby()
+		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code,
+			Message: f.Message, TraceID: f.TraceID}, unsafe)
 	}
 }
