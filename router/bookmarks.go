@@ -76,7 +76,7 @@ func (s *Shim) waitFor(ctx context.Context, req *request, pos lag.Position) Wait
 	if s.cfg.ObserveWait != nil {
 		s.cfg.ObserveWait(waited, outcome)
 	}
-	s.log.Debug("bookmark wait", zap.String("path", req.path), zap.Stringer("position", pos),
+	s.log.Debug("bookmark wait", zap.String("path", req.path), // never the cookie's contents
 		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
 	return outcome
 }

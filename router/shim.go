@@ -358,7 +358,7 @@ func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	hasBody := !req.upgrade && r.Body != nil && r.Body != http.NoBody
 	if hasBody && s.timeouts.body > 0 {
-		s.limitBody(w, r, req)
+		defer s.limitBody(w, r, req)()
 	}
 	if hasBody && s.cfg.Mode == ModeProxy {
 		if err := s.bufferBody(r, req); err != nil {

@@ -1036,6 +1036,11 @@ func TestBookmarks(t *testing.T) {
 			if w := replica.waits(); !slices.Equal(w, tc.wantWaits) {
 				t.Errorf("got waits for %v, want %v", w, tc.wantWaits)
 			}
+			for _, e := range h.logs.All() { // debug level included
+				if line := fmt.Sprint(e.Message, e.ContextMap()); strings.Contains(line, "B374D848") {
+					t.Errorf("a log line holds the bookmark cookie's contents: %s", line)
+				}
+			}
 
 			var cookie *http.Cookie
 			var others []string

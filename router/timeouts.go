@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -68,14 +69,23 @@ func resolveTimeouts(cfg Config) timeouts {
 // is not bounded by it. A body still arriving at the deadline fails its read, the app's copy
 // of the request is cut short (the app's own body read fails: it never sees a complete
 // request), and appFailed answers 408.
-func (s *Shim) limitBody(w http.ResponseWriter, r *http.Request, req *request) {
+// The caller calls the returned served once its handler is returning: the Transport may still
+// be reading the body then (an app that answered before reading it all), and a
+// ResponseController must not be used after ServeHTTP has returned.
+func (s *Shim) limitBody(w http.ResponseWriter, r *http.Request, req *request) (served func()) {
 	rc := http.NewResponseController(w)
 	deadline := time.Now().Add(s.timeouts.body)
 	if err := rc.SetReadDeadline(deadline); err != nil {
-		return // not a connection of net/http's own server: nothing to bound
+		return func() {} // not a connection of net/http's own server: nothing to bound
 	}
 	req.bodyDeadline = deadline
-	r.Body = &deadlineBody{ReadCloser: r.Body, rc: rc, req: req}
+	b := &deadlineBody{ReadCloser: r.Body, rc: rc, req: req}
+	r.Body = b
+	return func() {
+		b.mu.Lock()
+		b.served = true
+		b.mu.Unlock()
+	}
 }
 
 // deadlineBody records that the body has been read to its end, after which a timeout is not
@@ -87,13 +97,20 @@ type deadlineBody struct {
 	io.ReadCloser
 	rc  *http.ResponseController
 	req *request
+
+	mu     sync.Mutex
+	served bool // the handler has returned: rc is not to be used any more
 }
 
 func (b *deadlineBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err == io.EOF && !b.req.bodyDone.Load() {
 		b.req.bodyDone.Store(true)
-		b.rc.SetReadDeadline(time.Time{})
+		b.mu.Lock()
+		if !b.served {
+			b.rc.SetReadDeadline(time.Time{})
+		}
+		b.mu.Unlock()
 	}
 	return n, err
 }

@@ -77,7 +77,11 @@ func (s *Server) handle(c net.Conn, full bool) {
 	defer c.Close()
 	defer s.started(c)
 
-	c.SetDeadline(start.Add(s.cfg.StartupTimeout))
+	startupTimeout := s.cfg.StartupTimeout
+	if full { // only to be told 53300: a storm of silent connections past the limit costs less
+		startupTimeout = min(startupTimeout, time.Second)
+	}
+	c.SetDeadline(start.Add(startupTimeout))
 	if err := ss.negotiate(); err != nil {
 		ss.rejectStartup(err)
 		return
