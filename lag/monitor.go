@@ -112,6 +112,10 @@ const (
 type Status struct {
 	// Role is the upstream's role, from pg_is_in_recovery().
 	Role Role
+	// LastRole is the role the last successful upstream poll found, kept while the
+	// upstream is down: RoleUnknown before the first. A session cut off while the upstream
+	// was last seen in recovery cannot have written.
+	LastRole Role
 	// UpstreamUp reports whether the last upstream poll succeeded.
 	UpstreamUp bool
 	// UpstreamError is the last poll's error while the upstream is down, ""
@@ -206,40 +210,53 @@ type Monitor struct {
 	// was first seen. See checkPrimaries.
 	twoPrimaries string
 	conflictSeen time.Time
-	status       Status
-	waiters      waiterHeap
+	lastRole     Role // the role of the last successful upstream poll
+
+	status  Status
+	waiters waiterHeap
 }
+
+// ConfigError is a Config field that New cannot take, named as in Config, so
+// that the caller can name its own setting (a flag) for it.
+type ConfigError struct {
+	Field string // e.g. "Primary"
+	Err   error
+}
+
+func (e *ConfigError) Error() string { return "lag: " + e.Field + ": " + e.Err.Error() }
+func (e *ConfigError) Unwrap() error { return e.Err }
 
 // New validates cfg and returns a Monitor that has not connected yet; Start
 // begins polling. log is used as given (the caller names it, e.g.
-// Named("lag")) and may be nil.
+// Named("lag")) and may be nil. A field it cannot take is reported as a
+// *ConfigError.
 func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	for _, d := range []struct {
-		name string
-		v    *time.Duration
-		def  time.Duration
+		field string
+		v     *time.Duration
+		def   time.Duration
 	}{
-		{"interval", &cfg.Interval, DefaultInterval},
-		{"wait interval", &cfg.WaitInterval, DefaultWaitInterval},
-		{"down interval", &cfg.DownInterval, DefaultDownInterval},
-		{"query timeout", &cfg.QueryTimeout, DefaultQueryTimeout},
+		{"Interval", &cfg.Interval, DefaultInterval},
+		{"WaitInterval", &cfg.WaitInterval, DefaultWaitInterval},
+		{"DownInterval", &cfg.DownInterval, DefaultDownInterval},
+		{"QueryTimeout", &cfg.QueryTimeout, DefaultQueryTimeout},
 	} {
 		if *d.v < 0 {
-			return nil, fmt.Errorf("lag: %s %v is negative", d.name, *d.v)
+			return nil, &ConfigError{d.field, fmt.Errorf("%v is negative", *d.v)}
 		}
 		if *d.v == 0 {
 			*d.v = d.def
 		}
 	}
 	if cfg.Upstream == "" {
-		return nil, errors.New("lag: an upstream URL is required")
+		return nil, &ConfigError{"Upstream", errors.New("is required")}
 	}
 	upCfg, upDropped, err := parseURL(cfg.Upstream)
 	if err != nil {
-		return nil, fmt.Errorf("lag: upstream URL: %w", err)
+		return nil, &ConfigError{"Upstream", err}
 	}
 	upAddr := addrOf(upCfg)
 	logDropped(log, "upstream", upAddr, upDropped)
@@ -247,13 +264,14 @@ func New(cfg Config, log *zap.Logger) (*Monitor, error) {
 	m := &Monitor{
 		cfg:       cfg,
 		log:       log,
+		lastRole:  RoleUnknown,
 		upstream:  newPoller("upstream", upAddr, newConns(upDial, 1)),
 		bookmarks: newConns(upDial, bookmarkConns),
 	}
 	if cfg.Primary != "" {
 		priCfg, priDropped, err := parseURL(cfg.Primary)
 		if err != nil {
-			return nil, fmt.Errorf("lag: primary URL: %w", err)
+			return nil, &ConfigError{"Primary", err}
 		}
 		priAddr := addrOf(priCfg)
 		logDropped(log, "primary", priAddr, priDropped)
@@ -558,7 +576,7 @@ func (m *Monitor) wakeUnreachable() {
 
 // snapshot derives a Status from the last polls. m.mu must be held.
 func (m *Monitor) snapshot() Status {
-	s := Status{Role: RoleUnknown, LagBytes: -1, LagSeconds: -1, CheckedAt: m.up.checkedAt}
+	s := Status{Role: RoleUnknown, LastRole: m.lastRole, LagBytes: -1, LagSeconds: -1, CheckedAt: m.up.checkedAt}
 	upOK := m.up.up()
 	if m.up.err != nil {
 		s.UpstreamError = m.up.err.Error()

@@ -270,6 +270,9 @@ func (m *Monitor) publish(p *poller, cur serverState) {
 		}
 	}
 	*state = cur
+	if p == m.upstream && cur.err == nil {
+		m.lastRole = cur.role
+	}
 	if p == m.upstream {
 		if cur.role == RoleReplica {
 			m.replays.add(replaySample{at: cur.checkedAt, replayed: cur.lsn, received: cur.received})

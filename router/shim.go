@@ -160,10 +160,21 @@ type Shim struct {
 	closed bool // Shutdown or Close was called: Serve must not start
 }
 
-// New checks cfg and returns a Shim that is not yet listening.
+// ConfigError is a Config field that New cannot take, named as in Config, so that the caller
+// can name its own setting (a flag) for it.
+type ConfigError struct {
+	Field string // e.g. "Consistency"
+	Err   error
+}
+
+func (e *ConfigError) Error() string { return "router: " + e.Field + ": " + e.Err.Error() }
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// New checks cfg and returns a Shim that is not yet listening. A field it cannot take is
+// reported as a *ConfigError.
 func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	if cfg.App == nil || cfg.App.Host == "" {
-		return nil, errors.New("app URL is required")
+		return nil, &ConfigError{"App", errors.New("an http:// or https:// URL is required")}
 	}
 	if cfg.Mode == "" {
 		cfg.Mode = ModeFly
@@ -172,13 +183,22 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	case ModeFly:
 	case ModeProxy:
 		if cfg.PrimaryHTTP == nil || cfg.PrimaryHTTP.Host == "" {
-			return nil, errors.New("replay mode proxy needs the primary region's HTTP URL")
+			return nil, &ConfigError{"PrimaryHTTP", errors.New("is required in replay mode proxy")}
 		}
 	default:
-		return nil, fmt.Errorf("unknown replay mode %q: want fly or proxy", cfg.Mode)
+		return nil, &ConfigError{"Mode", fmt.Errorf("%q: want fly or proxy", cfg.Mode)}
 	}
 	if cfg.PrimaryRegion == "" {
-		return nil, errors.New("primary region is required")
+		return nil, &ConfigError{"PrimaryRegion", errors.New("is required")}
+	}
+	for _, d := range []struct {
+		field string
+		v     time.Duration
+	}{{"ConsistencyWait", cfg.ConsistencyWait}, {"IdleTimeout", cfg.IdleTimeout}, {"BodyTimeout", cfg.BodyTimeout},
+		{"AppTimeout", cfg.AppTimeout}} {
+		if d.v < 0 && (d.field == "ConsistencyWait" || d.v != NoTimeout) {
+			return nil, &ConfigError{d.field, fmt.Errorf("%v is negative", d.v)}
+		}
 	}
 	if cfg.MaxReplayBody == 0 {
 		cfg.MaxReplayBody = DefaultMaxReplayBody
@@ -188,7 +208,7 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 		cfg.Consistency = ConsistencySession
 	case ConsistencySession, ConsistencyEventual:
 	default:
-		return nil, fmt.Errorf("unknown consistency %q: want session or eventual", cfg.Consistency)
+		return nil, &ConfigError{"Consistency", fmt.Errorf("%q: want session or eventual", cfg.Consistency)}
 	}
 	if cfg.ConsistencyWait == 0 {
 		cfg.ConsistencyWait = DefaultConsistencyWait

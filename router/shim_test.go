@@ -1223,17 +1223,18 @@ func TestNewRejectsBadConfigs(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		cfg     router.Config
-		wantErr string // a word the error must contain, "" for none
+		wantErr string // the Config field the error names, "" for none
 	}{
 		{"a valid config", router.Config{App: app, PrimaryRegion: "iad"}, ""},
 		{"a valid proxy config", router.Config{App: app, PrimaryRegion: "iad", Mode: router.ModeProxy, PrimaryHTTP: primary}, ""},
-		{"no app", router.Config{PrimaryRegion: "iad"}, "app"},
-		{"an app URL without a host", router.Config{App: &url.URL{Path: "/app"}, PrimaryRegion: "iad"}, "app"},
-		{"no primary region", router.Config{App: app}, "primary region"},
-		{"proxy mode without the primary's URL", router.Config{App: app, PrimaryRegion: "iad", Mode: router.ModeProxy}, "proxy"},
-		{"proxy mode with a URL without a host", router.Config{App: app, PrimaryRegion: "iad", Mode: router.ModeProxy, PrimaryHTTP: &url.URL{Path: "/x"}}, "proxy"},
-		{"an unknown mode", router.Config{App: app, PrimaryRegion: "iad", Mode: "pigeon"}, "pigeon"},
-		{"an unknown consistency", router.Config{App: app, PrimaryRegion: "iad", Consistency: "strong"}, "strong"},
+		{"no app", router.Config{PrimaryRegion: "iad"}, "App"},
+		{"an app URL without a host", router.Config{App: &url.URL{Path: "/app"}, PrimaryRegion: "iad"}, "App"},
+		{"no primary region", router.Config{App: app}, "PrimaryRegion"},
+		{"proxy mode without the primary's URL", router.Config{App: app, PrimaryRegion: "iad", Mode: router.ModeProxy}, "PrimaryHTTP"},
+		{"proxy mode with a URL without a host", router.Config{App: app, PrimaryRegion: "iad", Mode: router.ModeProxy, PrimaryHTTP: &url.URL{Path: "/x"}}, "PrimaryHTTP"},
+		{"an unknown mode", router.Config{App: app, PrimaryRegion: "iad", Mode: "pigeon"}, "Mode"},
+		{"an unknown consistency", router.Config{App: app, PrimaryRegion: "iad", Consistency: "strong"}, "Consistency"},
+		{"a negative consistency wait", router.Config{App: app, PrimaryRegion: "iad", ConsistencyWait: -time.Second}, "ConsistencyWait"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := router.New(tc.cfg, nil)
@@ -1242,8 +1243,11 @@ func TestNewRejectsBadConfigs(t *testing.T) {
 				t.Fatalf("got %v, want no error", err)
 			case tc.wantErr == "" && s == nil:
 				t.Fatal("got a nil shim, want one")
-			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
-				t.Fatalf("got %v, want an error naming %q", err, tc.wantErr)
+			case tc.wantErr != "":
+				var ce *router.ConfigError
+				if !errors.As(err, &ce) || ce.Field != tc.wantErr {
+					t.Fatalf("got %v, want a ConfigError for field %s", err, tc.wantErr)
+				}
 			}
 		})
 	}

@@ -94,13 +94,32 @@ type Server struct {
 	closed   chan struct{} // closed by Shutdown and Close
 }
 
-// NewServer checks cfg and returns a Server that is not yet listening.
+// ConfigError is a Config field that NewServer cannot take, named as in Config, so that the
+// caller can name its own setting (a flag) for it.
+type ConfigError struct {
+	Field string // e.g. "MaxMessageSize"
+	Err   error
+}
+
+func (e *ConfigError) Error() string { return "wire: " + e.Field + ": " + e.Err.Error() }
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// NewServer checks cfg and returns a Server that is not yet listening. A field it cannot take
+// is reported as a *ConfigError.
 func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.MaxMessageSize == 0 {
 		cfg.MaxMessageSize = DefaultMaxMessageSize
 	}
 	if cfg.MaxMessageSize < MinMaxMessageSize {
-		return nil, fmt.Errorf("max message size %d is too small (minimum %d)", cfg.MaxMessageSize, MinMaxMessageSize)
+		return nil, &ConfigError{"MaxMessageSize", fmt.Errorf("%d is below the minimum, %d", cfg.MaxMessageSize, MinMaxMessageSize)}
+	}
+	for _, d := range []struct {
+		field string
+		v     time.Duration
+	}{{"ConnectTimeout", cfg.ConnectTimeout}, {"StartupTimeout", cfg.StartupTimeout}} {
+		if d.v < 0 {
+			return nil, &ConfigError{d.field, fmt.Errorf("%v is negative: a wait without a bound is what it prevents", d.v)}
+		}
 	}
 	if cfg.ConnectTimeout == 0 {
 		cfg.ConnectTimeout = DefaultConnectTimeout
@@ -115,11 +134,11 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		cfg.StartupTimeout = DefaultStartupTimeout
 	}
 	if cfg.Upstream == "" {
-		return nil, errors.New("upstream is required")
+		return nil, &ConfigError{"Upstream", errors.New("is required")}
 	}
 	up, err := parseUpstream(cfg.Upstream, cfg.ConnectTimeout, cfg.TCPUserTimeout)
 	if err != nil {
-		return nil, fmt.Errorf("upstream: %w", err)
+		return nil, &ConfigError{"Upstream", err}
 	}
 	if obs == nil {
 		obs = NopObserver{}

@@ -376,7 +376,8 @@ func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
 
 // emit hands f, stamped now, to the observer.
 func (ss *session) emit(f UpstreamFailure) {
-	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy()
+	// A login still under way has run no statement: not busy in that sense.
+	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy() && ss.login.over.Load()
 	if u := ss.units.current(); f.Busy && u.hasTrace {
 		f.TraceID = string(u.trace[:])
 	}

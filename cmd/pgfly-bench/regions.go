@@ -21,7 +21,9 @@ import (
 	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/internal/sampleapp"
 	"github.com/pgfly/pgfly/internal/sidecar"
+	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
+	"github.com/pgfly/pgfly/wire"
 )
 
 // Region names, the same as the demo's and the tests'.
@@ -125,7 +127,7 @@ func (t *twoRegions) startSidecar(ctx context.Context, cfg sidecar.Config) (*sid
 	s.Start()
 	t.closers = append(t.closers, s.Close)
 	if err := s.Ready(ctx); err != nil {
-		return nil, fmt.Errorf("pgfly in %s: %w", cfg.Region, err)
+		return nil, fmt.Errorf("pgfly in %s: %w", cfg.Shim.Region, err)
 	}
 	return s, nil
 }
@@ -272,9 +274,10 @@ func (t *twoRegions) startPgfly(ctx context.Context, c *pgcluster.Cluster, d tim
 	}
 	appP, _ := url.Parse(appPURL)
 	pgflyP, err := t.startSidecar(ctx, sidecar.Config{
-		Listen: "127.0.0.1:0", Upstream: c.Primary.URL(su, "", pgcluster.Database),
-		HTTPListen: "127.0.0.1:0", App: appP, Region: primaryRegion, PrimaryRegion: primaryRegion,
-		Instance: primaryRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
+		Relay: wire.Config{Listen: "127.0.0.1:0", Upstream: c.Primary.URL(su, "", pgcluster.Database)},
+		Shim: &router.Config{Listen: "127.0.0.1:0", App: appP, Region: primaryRegion, PrimaryRegion: primaryRegion,
+			Instance: primaryRegion + "-1", Mode: router.ModeFly},
+		AdminListen: "127.0.0.1:0",
 	})
 	if err != nil {
 		return pgflySetup{}, err
@@ -296,11 +299,11 @@ func (t *twoRegions) startPgfly(ctx context.Context, c *pgcluster.Cluster, d tim
 	}
 	appR, _ := url.Parse(appRURL)
 	pgflyR, err := t.startSidecar(ctx, sidecar.Config{
-		Listen: "127.0.0.1:0", Upstream: c.Replica.URL(su, "", pgcluster.Database),
-		Primary:    dsn(toPrimaryMon.Addr().String()),
-		HTTPListen: "127.0.0.1:0", App: appR, Region: replicaRegion, PrimaryRegion: primaryRegion,
-		Instance: replicaRegion + "-1", ReplayMode: router.ModeFly, AdminListen: "127.0.0.1:0",
-		DisableLearning: opts.disableLearning,
+		Relay: wire.Config{Listen: "127.0.0.1:0", Upstream: c.Replica.URL(su, "", pgcluster.Database)},
+		Lag:   lag.Config{Primary: dsn(toPrimaryMon.Addr().String())},
+		Shim: &router.Config{Listen: "127.0.0.1:0", App: appR, Region: replicaRegion, PrimaryRegion: primaryRegion,
+			Instance: replicaRegion + "-1", Mode: router.ModeFly, DisableLearning: opts.disableLearning},
+		AdminListen: "127.0.0.1:0",
 	})
 	if err != nil {
 		return pgflySetup{}, err

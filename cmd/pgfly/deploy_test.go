@@ -234,9 +234,9 @@ func TestFlyTomlForRun(t *testing.T) {
 			if err != nil {
 				t.Fatalf("pgfly run with this configuration: %v", err)
 			}
-			t.Logf("upstream %s (%s)", redact(sc.Upstream), how)
+			t.Logf("upstream %s (%s)", redact(sc.Relay.Upstream), how)
 
-			if got, want := number(t, toml["http_service.internal_port"], "http_service.internal_port"), port(t, sc.HTTPListen); got != want {
+			if got, want := number(t, toml["http_service.internal_port"], "http_service.internal_port"), port(t, sc.Shim.Listen); got != want {
 				t.Errorf("http_service.internal_port: got %d, want the shim's port %d", got, want)
 			}
 			if !reachableFromOutside(sc.AdminListen) {
@@ -290,7 +290,7 @@ func TestComposeExample(t *testing.T) {
 	if err != nil {
 		t.Fatalf("pgfly serve with this configuration: %v", err)
 	}
-	if got, want := number(t, toml["http_service.internal_port"], "http_service.internal_port"), port(t, sc.HTTPListen); got != want {
+	if got, want := number(t, toml["http_service.internal_port"], "http_service.internal_port"), port(t, sc.Shim.Listen); got != want {
 		t.Errorf("http_service.internal_port: got %d, want the shim's port %d", got, want)
 	}
 	if !reachableFromOutside(sc.AdminListen) {
@@ -299,7 +299,7 @@ func TestComposeExample(t *testing.T) {
 	if got, want := number(t, toml["checks.pgfly.port"], "checks.pgfly.port"), port(t, sc.AdminListen); got != want || toml["checks.pgfly.path"] != "/health" {
 		t.Errorf("checks.pgfly: got port %d path %v, want /health on %d", got, toml["checks.pgfly.path"], want)
 	}
-	if got, want := dig(t, services, "app", "environment", "PORT"), strconv.Itoa(port(t, sc.App.Host)); got != want {
+	if got, want := dig(t, services, "app", "environment", "PORT"), strconv.Itoa(port(t, sc.Shim.App.Host)); got != want {
 		t.Errorf("services.app.environment.PORT: got %v, want the --app port %s", got, want)
 	}
 }
@@ -362,10 +362,10 @@ func TestKubernetesExample(t *testing.T) {
 	if err != nil {
 		t.Fatalf("pgfly serve with this configuration: %v", err)
 	}
-	if sc.Upstream == "" || sc.Primary == "" || sc.PrimaryHTTP == nil {
-		t.Errorf("got upstream %q, primary %q, primary-http %v; want all three", sc.Upstream, sc.Primary, sc.PrimaryHTTP)
+	if sc.Relay.Upstream == "" || sc.Lag.Primary == "" || sc.Shim == nil || sc.Shim.PrimaryHTTP == nil {
+		t.Errorf("got upstream %q, primary %q, primary-http %v; want all three", sc.Relay.Upstream, sc.Lag.Primary, sc.Shim.PrimaryHTTP)
 	}
-	shim, admin := port(t, sc.HTTPListen), port(t, sc.AdminListen)
+	shim, admin := port(t, sc.Shim.Listen), port(t, sc.AdminListen)
 	var ports []int
 	for _, p := range pgfly["ports"].([]any) {
 		n, _ := strconv.Atoi(p.(map[string]any)["containerPort"].(string))
@@ -388,7 +388,7 @@ func TestKubernetesExample(t *testing.T) {
 	for _, e := range app["env"].([]any) {
 		appEnv[e.(map[string]any)["name"].(string)] = e.(map[string]any)["value"]
 	}
-	if got, want := appEnv["PORT"], strconv.Itoa(port(t, sc.App.Host)); got != want {
+	if got, want := appEnv["PORT"], strconv.Itoa(port(t, sc.Shim.App.Host)); got != want {
 		t.Errorf("app PORT: got %v, want the --app port %s", got, want)
 	}
 	if _, ok := appEnv["DATABASE_URL"]; !ok {

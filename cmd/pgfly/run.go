@@ -115,17 +115,17 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 
 	pgfly, err := sidecar.New(sc, log)
 	if err != nil {
-		return err
+		return flagError(fs, err)
 	}
 	if err := pgfly.Listen(); err != nil {
 		return err
 	}
-	dbURL, err := appDatabaseURL(original, loopback(pgfly.PostgresAddr()), sc.TLS != nil)
+	dbURL, err := appDatabaseURL(original, loopback(pgfly.PostgresAddr()), sc.Relay.TLS != nil)
 	if err != nil {
 		pgfly.Close()
 		return err
 	}
-	shim := sc.HTTPListen != ""
+	shim := sc.Shim != nil
 	if shim && listening(appAddr) {
 		pgfly.Close()
 		return fmt.Errorf("something already listens on %s, where the app is to listen (PORT=%s): stop it, or point --app at a free port", appAddr, appPort)

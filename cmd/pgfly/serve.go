@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pgfly/pgfly/internal/sidecar"
+	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
 	"github.com/pgfly/pgfly/wire"
 )
@@ -123,44 +124,33 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("shutdown-timeout", "PGFLY_SHUTDOWN_TIMEOUT")
 }
 
-// sidecarConfig checks the flags together and turns them into the sidecar's configuration.
+// sidecarConfig turns the flags into the components' configurations. It checks only what is
+// the flags' own business (two flags that go together, a 0 that means "off", text that must
+// parse); each component checks its configuration itself, and flagError names the flag of a
+// field it refuses.
 func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	sc := sidecar.Config{
-		Listen:            c.listen,
-		Upstream:          c.upstream,
-		Primary:           c.primary,
-		MaxMessageSize:    int(c.maxMessageSize),
-		HTTPListen:        c.httpListen,
-		Region:            c.region,
-		PrimaryRegion:     c.primaryRegion,
-		Instance:          c.instance,
-		ReplayMode:        router.Mode(c.replayMode),
-		MaxReplayBody:     int64(c.maxReplayBody),
-		InjectTraceparent: c.injectTraceparent,
-		Consistency:       router.Consistency(c.consistency),
-		ConsistencyWait:   c.consistencyWait,
-		DisableLearning:   !c.learnRoutes,
-		HTTPIdleTimeout:   orNoTimeout(c.httpIdleTimeout),
-		HTTPBodyTimeout:   orNoTimeout(c.httpBodyTimeout),
-		AppTimeout:        orNoTimeout(c.appTimeout),
-		AdminListen:       c.adminListen,
-		MaxLag:            c.maxLag,
-	}
-	if c.upstream == "" {
-		return sc, errors.New("flag --upstream (or $PGFLY_UPSTREAM) is required")
+		Relay: wire.Config{
+			Listen:         c.listen,
+			Upstream:       c.upstream,
+			MaxMessageSize: int(c.maxMessageSize),
+			ConnectTimeout: c.connectTimeout,
+			StartupTimeout: c.startupTimeout,
+			TCPUserTimeout: c.tcpUserTimeout,
+			MaxClientConn:  c.maxClientConn,
+		},
+		Lag:         lag.Config{Primary: c.primary},
+		AdminListen: c.adminListen,
+		MaxLag:      c.maxLag,
 	}
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return sc, errors.New("flags --tls-cert and --tls-key go together: set both or neither")
 	}
-	if c.maxMessageSize < wire.MinMaxMessageSize {
-		return sc, fmt.Errorf("invalid value %d for flag --max-message-size: the minimum is %d", c.maxMessageSize, wire.MinMaxMessageSize)
-	}
 	for _, d := range []struct {
 		flag string
 		v    time.Duration
-	}{{"shutdown-timeout", c.shutdownTimeout}, {"consistency-wait", c.consistencyWait}, {"max-lag", c.maxLag},
-		{"tcp-user-timeout", c.tcpUserTimeout}, {"http-idle-timeout", c.httpIdleTimeout}, {"http-body-timeout", c.httpBodyTimeout},
-		{"app-timeout", c.appTimeout}} {
+	}{{"shutdown-timeout", c.shutdownTimeout}, {"max-lag", c.maxLag}, {"tcp-user-timeout", c.tcpUserTimeout},
+		{"http-idle-timeout", c.httpIdleTimeout}, {"http-body-timeout", c.httpBodyTimeout}, {"app-timeout", c.appTimeout}} {
 		if d.v < 0 {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must not be negative", d.v, d.flag)
 		}
@@ -169,62 +159,115 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 		flag string
 		v    time.Duration
 	}{{"connect-timeout", c.connectTimeout}, {"startup-timeout", c.startupTimeout}} {
-		if d.v <= 0 {
+		if d.v == 0 { // to the relay, zero is its default
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must be positive (a wait without a bound is what it prevents)", d.v, d.flag)
 		}
 	}
 	if c.maxClientConn < 0 {
 		return sc, fmt.Errorf("invalid value %d for flag --max-client-conn: must not be negative", c.maxClientConn)
 	}
-	sc.ConnectTimeout, sc.StartupTimeout = c.connectTimeout, c.startupTimeout
-	sc.TCPUserTimeout, sc.MaxClientConn = c.tcpUserTimeout, c.maxClientConn
 	if c.tcpUserTimeout == 0 {
-		sc.TCPUserTimeout = -1 // the kernel's defaults
+		sc.Relay.TCPUserTimeout = -1 // Go's keepalive defaults
 	}
 	if c.maxClientConn == 0 {
-		sc.MaxClientConn = -1 // no limit
-	}
-	var err error
-	if sc.ReplayRoutes, err = router.ParseRoutePatterns(c.replayRoutes); err != nil {
-		return sc, fmt.Errorf("invalid value for flag --replay-routes: %w", err)
-	}
-	if sc.LocalRoutes, err = router.ParseRoutePatterns(c.localRoutes); err != nil {
-		return sc, fmt.Errorf("invalid value for flag --local-routes: %w", err)
-	}
-	switch sc.Consistency {
-	case router.ConsistencySession, router.ConsistencyEventual:
-	default:
-		return sc, fmt.Errorf("invalid value %q for flag --consistency: want session or eventual", c.consistency)
+		sc.Relay.MaxClientConn = -1 // no limit
 	}
 	if c.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey)
 		if err != nil {
 			return sc, fmt.Errorf("flags --tls-cert/--tls-key: %w", err)
 		}
-		sc.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		sc.Relay.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	// Parsed even with the shim off: a bad value is a mistake either way.
+	replayRoutes, err := router.ParseRoutePatterns(c.replayRoutes)
+	if err != nil {
+		return sc, fmt.Errorf("invalid value for flag --replay-routes: %w", err)
+	}
+	localRoutes, err := router.ParseRoutePatterns(c.localRoutes)
+	if err != nil {
+		return sc, fmt.Errorf("invalid value for flag --local-routes: %w", err)
 	}
 	if c.httpListen == "" {
 		return sc, nil
 	}
-	if sc.App, err = httpURL("app", c.app); err != nil {
+	rc := &router.Config{
+		Listen:            c.httpListen,
+		Region:            c.region,
+		PrimaryRegion:     c.primaryRegion,
+		Instance:          c.instance,
+		Mode:              router.Mode(c.replayMode),
+		MaxReplayBody:     int64(c.maxReplayBody),
+		InjectTraceparent: c.injectTraceparent,
+		Consistency:       router.Consistency(c.consistency),
+		ConsistencyWait:   c.consistencyWait,
+		DisableLearning:   !c.learnRoutes,
+		IdleTimeout:       orNoTimeout(c.httpIdleTimeout),
+		BodyTimeout:       orNoTimeout(c.httpBodyTimeout),
+		AppTimeout:        orNoTimeout(c.appTimeout),
+	}
+	sc.Shim = rc
+	rc.ReplayRoutes, rc.LocalRoutes = replayRoutes, localRoutes
+	if rc.App, err = httpURL("app", c.app); err != nil {
 		return sc, err
 	}
-	if c.primaryRegion == "" {
-		return sc, errors.New("flag --primary-region (or $PRIMARY_REGION) is required with the HTTP shim; set --http-listen= to run the Postgres relay alone")
-	}
-	switch sc.ReplayMode {
-	case router.ModeFly:
-	case router.ModeProxy:
-		if c.primaryHTTP == "" {
-			return sc, errors.New("flag --primary-http is required with --replay-mode=proxy")
-		}
-		if sc.PrimaryHTTP, err = httpURL("primary-http", c.primaryHTTP); err != nil {
+	if c.primaryHTTP != "" {
+		if rc.PrimaryHTTP, err = httpURL("primary-http", c.primaryHTTP); err != nil {
 			return sc, err
 		}
-	default:
-		return sc, fmt.Errorf("invalid value %q for flag --replay-mode: want fly or proxy", c.replayMode)
 	}
 	return sc, nil
+}
+
+// componentFlags names the flag, and its environment variable, behind each component
+// Config field that a flag sets, with a hint for the error where one helps.
+var componentFlags = map[string]struct{ flag, hint string }{
+	"wire.Listen":            {"listen", ""},
+	"wire.Upstream":          {"upstream", ""},
+	"wire.MaxMessageSize":    {"max-message-size", ""},
+	"wire.ConnectTimeout":    {"connect-timeout", ""},
+	"wire.StartupTimeout":    {"startup-timeout", ""},
+	"lag.Upstream":           {"upstream", ""},
+	"lag.Primary":            {"primary", ""},
+	"router.App":             {"app", ""},
+	"router.Mode":            {"replay-mode", ""},
+	"router.PrimaryHTTP":     {"primary-http", ""},
+	"router.PrimaryRegion":   {"primary-region", "with the HTTP shim; set --http-listen= to run the Postgres relay alone"},
+	"router.Consistency":     {"consistency", ""},
+	"router.ConsistencyWait": {"consistency-wait", ""},
+}
+
+// flagError names the flag behind a component's ConfigError, with its environment variable;
+// any other error is returned as it is.
+func flagError(fs *flagSet, err error) error {
+	var field string
+	var cause error
+	var we *wire.ConfigError
+	var re *router.ConfigError
+	var le *lag.ConfigError
+	switch {
+	case errors.As(err, &we):
+		field, cause = "wire."+we.Field, we.Err
+	case errors.As(err, &re):
+		field, cause = "router."+re.Field, re.Err
+	case errors.As(err, &le):
+		field, cause = "lag."+le.Field, le.Err
+	default:
+		return err
+	}
+	f, ok := componentFlags[field]
+	if !ok {
+		return err
+	}
+	name := "flag --" + f.flag
+	if env := fs.env[f.flag]; env != "" {
+		name += " (or $" + env + ")"
+	}
+	msg := fmt.Sprintf("%s: %v", name, cause)
+	if f.hint != "" {
+		msg += " " + f.hint
+	}
+	return errors.New(msg)
 }
 
 // orNoTimeout turns a timeout flag's 0, which means no limit, into router.NoTimeout: to the
@@ -263,7 +306,7 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) error {
 	defer log.Sync()
 	pgfly, err := sidecar.New(sc, log)
 	if err != nil {
-		return err
+		return flagError(fs, err)
 	}
 	if err := pgfly.Listen(); err != nil {
 		return err

@@ -20,7 +20,9 @@ import (
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/sampleapp"
 	"github.com/pgfly/pgfly/internal/sidecar"
+	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
+	"github.com/pgfly/pgfly/wire"
 )
 
 // Default region names: the primary in iad, the replica in fra.
@@ -174,23 +176,24 @@ func startRegion(ctx context.Context, opts Options, name string, upstream *pgclu
 		}
 	}
 	r.Sidecar, err = sidecar.New(sidecar.Config{
-		Listen:            "127.0.0.1:0",
-		Upstream:          upstream.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database),
-		Primary:           primaryPG,
-		HTTPListen:        "127.0.0.1:0",
-		App:               app,
-		Region:            name,
-		PrimaryRegion:     opts.PrimaryRegion,
-		Instance:          name + "-1",
-		ReplayMode:        mode,
-		PrimaryHTTP:       primaryHTTP,
-		InjectTraceparent: opts.InjectTraceparent,
-		Consistency:       opts.Consistency,
-		ConsistencyWait:   opts.ConsistencyWait,
-		ReplayRoutes:      opts.ReplayRoutes,
-		LocalRoutes:       opts.LocalRoutes,
-		DisableLearning:   opts.DisableLearning,
-		AdminListen:       "127.0.0.1:0",
+		Relay: wire.Config{Listen: "127.0.0.1:0", Upstream: upstream.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database)},
+		Lag:   lag.Config{Primary: primaryPG},
+		Shim: &router.Config{
+			Listen:            "127.0.0.1:0",
+			App:               app,
+			Region:            name,
+			PrimaryRegion:     opts.PrimaryRegion,
+			Instance:          name + "-1",
+			Mode:              mode,
+			PrimaryHTTP:       primaryHTTP,
+			InjectTraceparent: opts.InjectTraceparent,
+			Consistency:       opts.Consistency,
+			ConsistencyWait:   opts.ConsistencyWait,
+			ReplayRoutes:      opts.ReplayRoutes,
+			LocalRoutes:       opts.LocalRoutes,
+			DisableLearning:   opts.DisableLearning,
+		},
+		AdminListen: "127.0.0.1:0",
 	}, log.Named("pgfly"))
 	if err != nil {
 		return nil, err

@@ -52,10 +52,14 @@ func (s *Sidecar) adminHandler() http.Handler {
 // lag is within MaxLag, else 503, so that it can serve as a Fly HTTP check.
 func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	st := s.monitor.Status()
+	var region, primaryRegion string
+	if s.cfg.Shim != nil {
+		region, primaryRegion = s.cfg.Shim.Region, s.cfg.Shim.PrimaryRegion
+	}
 	h := health{
 		Status:        "ok",
-		Region:        s.cfg.Region,
-		PrimaryRegion: s.cfg.PrimaryRegion,
+		Region:        region,
+		PrimaryRegion: primaryRegion,
 		Role:          string(st.Role),
 		UpstreamUp:    st.UpstreamUp,
 		UpstreamError: st.UpstreamError,

@@ -13,8 +13,9 @@ type events struct {
 	log     *zap.Logger
 	shim    *router.Shim    // nil when the shim is off
 	metrics func() *metrics // set once the relay exists; events arrive only after that
-	// upstreamStandby reports whether the monitor last saw the upstream in recovery.
-	upstreamStandby func() bool
+	// upstreamStandby reports whether the monitor's last poll saw the upstream in recovery;
+	// lastSeenStandby whether its last successful one did, which holds while it is down.
+	upstreamStandby, lastSeenStandby func() bool
 	// kick asks the monitor to look at the upstream now; may be nil.
 	kick func()
 }
@@ -73,7 +74,7 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 	}
 	if e.shim != nil {
 		// A statement cut off on a standby wrote nothing; on a primary it may have committed.
-		unsafe := f.Wrote || f.Busy && !e.upstreamStandby()
+		unsafe := f.Wrote || f.Busy && !e.lastSeenStandby()
 		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code,
 			Message: f.Message, TraceID: f.TraceID}, unsafe)
 	}

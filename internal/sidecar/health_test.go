@@ -14,6 +14,8 @@ import (
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/pgcluster/pgtest"
 	"github.com/pgfly/pgfly/internal/sidecar"
+	"github.com/pgfly/pgfly/lag"
+	"github.com/pgfly/pgfly/wire"
 )
 
 // healthReport is the part of /health these tests read.
@@ -85,9 +87,8 @@ func TestHealthTwoPrimaries(t *testing.T) {
 func start(tb testing.TB, upstream, primary string) string {
 	tb.Helper()
 	s, err := sidecar.New(sidecar.Config{
-		Listen:      "127.0.0.1:0",
-		Upstream:    upstream,
-		Primary:     primary,
+		Relay:       wire.Config{Listen: "127.0.0.1:0", Upstream: upstream},
+		Lag:         lag.Config{Primary: primary},
 		AdminListen: "127.0.0.1:0",
 	}, zaptest.NewLogger(tb))
 	if err != nil {

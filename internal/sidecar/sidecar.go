@@ -5,12 +5,10 @@ package sidecar
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"time"
 
 	"go.uber.org/zap"
@@ -20,42 +18,21 @@ import (
 	"github.com/pgfly/pgfly/wire"
 )
 
-// Config is everything one pgfly instance needs to know.
+// Config is one pgfly instance: each component's own configuration, which the component
+// checks (a field it cannot take comes back as that package's ConfigError), and the admin
+// side. New fills in what it wires between the components: the relay's Fence, the monitor's
+// OnTwoPrimaries, and the shim's Replica, IsPrimary, UpstreamDown and Observe hooks.
 type Config struct {
-	// Postgres side.
-	Listen         string      // where the app connects, e.g. 127.0.0.1:5432
-	Upstream       string      // the nearby Postgres URL; its credentials serve the monitor
-	Primary        string      // the primary's Postgres URL, optional
-	TLS            *tls.Config // offered to clients that ask for TLS; nil answers 'N'
-	MaxMessageSize int
-	ConnectTimeout time.Duration // see wire.Config for these four; zero takes wire's default
-	StartupTimeout time.Duration
-	TCPUserTimeout time.Duration
-	MaxClientConn  int
-
-	// HTTP side; HTTPListen "" disables the shim.
-	HTTPListen        string
-	App               *url.URL
-	Region            string
-	PrimaryRegion     string
-	Instance          string
-	ReplayMode        router.Mode
-	PrimaryHTTP       *url.URL
-	MaxReplayBody     int64
-	InjectTraceparent bool
-	Consistency       router.Consistency
-	ConsistencyWait   time.Duration
-	ReplayRoutes      router.RoutePatterns // sent to the primary region before the app runs them
-	LocalRoutes       router.RoutePatterns // never learned nor replayed up front
-	DisableLearning   bool                 // no learned write routes
-	// The shim's timeouts: zero is the router's default, router.NoTimeout none.
-	HTTPIdleTimeout time.Duration // a keep-alive connection waiting for its next request
-	HTTPBodyTimeout time.Duration // a whole request body arriving
-	AppTimeout      time.Duration // the app's response headers, once it has the request
+	// Relay is the Postgres relay. Its Upstream's credentials serve the monitor too.
+	Relay wire.Config
+	// Lag is the monitor; its Upstream is Relay.Upstream when empty.
+	Lag lag.Config
+	// Shim is the HTTP shim; nil runs the relay alone.
+	Shim *router.Config
 
 	// Admin side; AdminListen "" disables /health and /metrics.
 	AdminListen string
-	MaxLag      time.Duration
+	MaxLag      time.Duration // the lag beyond which /health answers 503; DefaultMaxLag when zero
 }
 
 // Sidecar is one running pgfly instance.
@@ -81,64 +58,42 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		cfg.MaxLag = DefaultMaxLag
 	}
 	s := &Sidecar{cfg: cfg, log: log, done: make(chan error, 3)}
-	monitor, err := lag.New(lag.Config{Upstream: cfg.Upstream, Primary: cfg.Primary,
-		OnTwoPrimaries: func() { s.relay.Fenced() }}, log.Named("lag"))
+	lc := cfg.Lag
+	if lc.Upstream == "" {
+		lc.Upstream = cfg.Relay.Upstream
+	}
+	lc.OnTwoPrimaries = func() { s.relay.Fenced() }
+	monitor, err := lag.New(lc, log.Named("lag"))
 	if err != nil {
 		return nil, err
 	}
 	s.monitor = monitor
-	if cfg.HTTPListen != "" {
-		rc := router.Config{
-			Listen:            cfg.HTTPListen,
-			App:               cfg.App,
-			Region:            cfg.Region,
-			PrimaryRegion:     cfg.PrimaryRegion,
-			Instance:          cfg.Instance,
-			Mode:              cfg.ReplayMode,
-			PrimaryHTTP:       cfg.PrimaryHTTP,
-			MaxReplayBody:     cfg.MaxReplayBody,
-			InjectTraceparent: cfg.InjectTraceparent,
-			Consistency:       cfg.Consistency,
-			ConsistencyWait:   cfg.ConsistencyWait,
-			ReplayRoutes:      cfg.ReplayRoutes,
-			LocalRoutes:       cfg.LocalRoutes,
-			DisableLearning:   cfg.DisableLearning,
-			Replica:           monitor,
-			IsPrimary: func() bool {
-				st := monitor.Status()
-				return st.Role == lag.RolePrimary && !st.TwoPrimaries // a fenced upstream replays like a standby
-			},
-			UpstreamDown: func() bool {
-				st := monitor.Status()
-				return !st.UpstreamUp && !st.CheckedAt.IsZero() // not before the first poll
-			},
-			Observe:        func(d router.Decision) { s.metrics.decision(d) },
-			ObserveWait:    func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) },
-			ObserveRefusal: func(n int) { s.metrics.tainted.Observe(float64(n)) },
-			ObserveTimeout: func(t router.Timeout) { s.metrics.timeouts.WithLabelValues(string(t)).Inc() },
-			IdleTimeout:    cfg.HTTPIdleTimeout,
-			BodyTimeout:    cfg.HTTPBodyTimeout,
-			AppTimeout:     cfg.AppTimeout,
+	if cfg.Shim != nil {
+		rc := *cfg.Shim
+		rc.Replica = monitor
+		rc.IsPrimary = func() bool {
+			st := monitor.Status()
+			return st.Role == lag.RolePrimary && !st.TwoPrimaries // a fenced upstream replays like a standby
 		}
+		rc.UpstreamDown = func() bool {
+			st := monitor.Status()
+			return !st.UpstreamUp && !st.CheckedAt.IsZero() // not before the first poll
+		}
+		rc.Observe = func(d router.Decision) { s.metrics.decision(d) }
+		rc.ObserveWait = func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) }
+		rc.ObserveRefusal = func(n int) { s.metrics.tainted.Observe(float64(n)) }
+		rc.ObserveTimeout = func(t router.Timeout) { s.metrics.timeouts.WithLabelValues(string(t)).Inc() }
 		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
 			return nil, err
 		}
 	}
 	ev := &events{log: log.Named("events"), shim: s.shim, metrics: func() *metrics { return s.metrics },
 		upstreamStandby: func() bool { return monitor.Status().Role == lag.RoleReplica },
+		lastSeenStandby: func() bool { return monitor.Status().LastRole == lag.RoleReplica },
 		kick:            monitor.SuspectDown}
-	s.relay, err = wire.NewServer(wire.Config{
-		Listen:         cfg.Listen,
-		Upstream:       cfg.Upstream,
-		TLS:            cfg.TLS,
-		MaxMessageSize: cfg.MaxMessageSize,
-		ConnectTimeout: cfg.ConnectTimeout,
-		StartupTimeout: cfg.StartupTimeout,
-		TCPUserTimeout: cfg.TCPUserTimeout,
-		MaxClientConn:  cfg.MaxClientConn,
-		Fence:          func() bool { return monitor.Status().TwoPrimaries },
-	}, ev, log.Named("wire"))
-	if err != nil {
+	wc := cfg.Relay
+	wc.Fence = func() bool { return monitor.Status().TwoPrimaries }
+	if s.relay, err = wire.NewServer(wc, ev, log.Named("wire")); err != nil {
 		return nil, err
 	}
 	s.metrics = newMetrics(s.relay, s.shim, monitor)
