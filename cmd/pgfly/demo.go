@@ -266,7 +266,7 @@ func runScenario(ctx context.Context, s *regions.Setup, tr *trace, w io.Writer) 
 			fmt.Fprintf(w, "   replayed: no, %s\n", a.servedBecause(replica))
 		}
 		if a.bookmark != "" {
-			fmt.Fprintf(w, "   bookmark: %s=%s, the primary's WAL position after this write\n", router.BookmarkCookie, a.bookmark)
+			fmt.Fprintf(w, "   bookmark: %s=%s, the primary's WAL position after this write (@ its timeline : its system)\n", router.BookmarkCookie, a.bookmark)
 		}
 		if st.method == http.MethodGet && st.path == "/" && i > 0 {
 			fmt.Fprintf(w, "   the page shows %s: %s\n", guest, yesNo(strings.Contains(a.body, guest)))
@@ -332,7 +332,7 @@ func scenarioRequest(ctx context.Context, client *http.Client, tr *trace, edgeUR
 func (a *answer) servedBecause(region string) string {
 	for _, ev := range a.events {
 		if ev.msg == msgBookmarkWait && ev.str("outcome") == "caught_up" {
-			return fmt.Sprintf("it carried bookmark %s and the replica in %s had replayed it, so %s served it", ev.str("lsn"), region, region)
+			return fmt.Sprintf("it carried the bookmark of the write and the replica in %s had replayed it, so %s served it", region, region)
 		}
 	}
 	return fmt.Sprintf("nothing in it wrote, so the replica in %s served it", region)
@@ -452,9 +452,9 @@ func (ev traceEvent) String() string {
 		return fmt.Sprintf("%s   pgfly: %s: answering fly-replay: region=%s (reason %s)", region, ev.request(), ev.str("target_region"), ev.str("reason"))
 	case msgBookmarkWait:
 		if ev.str("outcome") == "caught_up" {
-			return fmt.Sprintf("%s   pgfly: %s carries bookmark %s; the replica had replayed it after %s", region, ev.str("path"), ev.str("lsn"), ev.str("waited"))
+			return fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had replayed it after %s", region, ev.str("path"), ev.str("waited"))
 		}
-		return fmt.Sprintf("%s   pgfly: %s carries bookmark %s; the replica had not replayed it after %s (%s)", region, ev.str("path"), ev.str("lsn"), ev.str("waited"), ev.str("outcome"))
+		return fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had not replayed it after %s (%s)", region, ev.str("path"), ev.str("waited"), ev.str("outcome"))
 	}
 	return fmt.Sprintf("%s   %s: %s", region, ev.logger, ev.msg)
 }

@@ -187,9 +187,10 @@ func (s *Sidecar) AdminAddr() net.Addr {
 func (s *Sidecar) Status() lag.Status { return s.monitor.Status() }
 
 // Shutdown stops accepting, lets open requests and sessions finish until ctx is done, and
-// then closes what is left. HTTP goes first: requests in flight still need their sessions.
+// then closes what is left, in the reverse order of Start: the admin endpoints, HTTP (requests
+// in flight still need their sessions and bookmarks), the relay, and the monitor last.
 func (s *Sidecar) Shutdown(ctx context.Context) error {
-	var errs []error
+	errs := []error{s.closeAdmin()}
 	if s.shim != nil {
 		if err := s.shim.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("http shim: %w", err))
@@ -199,26 +200,21 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	if err := s.relay.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("postgres relay: %w", err))
 	}
-	return errors.Join(append(errs, s.closeRest())...)
+	return errors.Join(append(errs, s.monitor.Close())...)
 }
 
-// Close stops everything at once, in reverse order of start. It is idempotent.
+// Close stops everything at once, in the reverse order of Start. It is idempotent.
 func (s *Sidecar) Close() error {
-	var errs []error
+	errs := []error{s.closeAdmin()}
 	if s.shim != nil {
 		errs = append(errs, s.shim.Close())
 	}
-	errs = append(errs, s.relay.Close(), s.closeRest())
-	return errors.Join(errs...)
+	return errors.Join(append(errs, s.relay.Close(), s.monitor.Close())...)
 }
 
-func (s *Sidecar) closeRest() error {
-	var errs []error
-	if s.admin != nil {
-		if s.adminLn != nil {
-			errs = append(errs, s.admin.Close())
-		}
+func (s *Sidecar) closeAdmin() error {
+	if s.admin == nil || s.adminLn == nil {
+		return nil
 	}
-	errs = append(errs, s.monitor.Close())
-	return errors.Join(errs...)
+	return s.admin.Close()
 }
