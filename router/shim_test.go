@@ -1,6 +1,7 @@
 package router_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -632,14 +633,11 @@ func TestUpgradeIsNeverTainted(t *testing.T) {
 				io.WriteString(w, appBody)
 				return
 			}
-			conn, brw, err := http.NewResponseController(w).Hijack()
-			if err != nil {
-				http.Error(w, err.Error(), http.StatusInternalServerError)
+			conn, brw, ok := acceptUpgrade(w)
+			if !ok {
 				return
 			}
 			defer conn.Close()
-			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-			brw.Flush()
 			line, _ := brw.ReadString('\n')
 			brw.WriteString("echo: " + line)
 			brw.Flush()
@@ -1413,4 +1411,18 @@ func TestTaintedRequestWhoseAppFailsIsReplayed(t *testing.T) {
 	})
 	wantFlyReplay(t, h.send(t, http.MethodPost, "/items", strings.NewReader("x"), nil), "pgfly_read_only")
 	wantDecisions(t, h, router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonReadOnly, Match: router.MatchOverlap})
+}
+
+// acceptUpgrade takes over an app's connection and answers 101 Switching Protocols to a
+// WebSocket upgrade, as an app's WebSocket library would; ok is false when it could not (the
+// app has answered 500 then).
+func acceptUpgrade(w http.ResponseWriter) (conn net.Conn, brw *bufio.ReadWriter, ok bool) {
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return nil, nil, false
+	}
+	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	brw.Flush()
+	return conn, brw, true
 }

@@ -434,14 +434,11 @@ func TestLongAnswersOutliveTheTimeouts(t *testing.T) {
 	t.Run("an upgraded connection", func(t *testing.T) {
 		echo := func(*router.Shim) http.Handler {
 			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				conn, brw, err := http.NewResponseController(w).Hijack()
-				if err != nil {
-					http.Error(w, err.Error(), http.StatusInternalServerError)
+				conn, brw, ok := acceptUpgrade(w)
+				if !ok {
 					return
 				}
 				defer conn.Close()
-				brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-				brw.Flush()
 				for {
 					line, err := brw.ReadString('\n')
 					if err != nil {
