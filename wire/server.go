@@ -84,12 +84,12 @@ type Server struct {
 	ln     net.Listener
 	nextID atomic.Uint64
 	stats  stats
+	keys   cancelKeys
 	wg     sync.WaitGroup // one per live session and per cancel forward
 
 	mu       sync.Mutex
 	starting map[net.Conn]struct{} // accepted connections not yet relaying
 	sessions map[*session]struct{}
-	keys     map[string]*session // cancel key (pid and secret) to its live session
 	closing  bool
 	closed   chan struct{} // closed by Shutdown and Close
 }
@@ -153,7 +153,6 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		log:      log,
 		starting: make(map[net.Conn]struct{}),
 		sessions: make(map[*session]struct{}),
-		keys:     make(map[string]*session),
 		closed:   make(chan struct{}),
 	}
 	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f', 'p'} {
@@ -395,52 +394,5 @@ func (s *Server) unregister(ss *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.sessions, ss)
-	if ss.cancelKey != "" && s.keys[ss.cancelKey] == ss {
-		delete(s.keys, ss.cancelKey)
-	}
-}
-
-func (s *Server) setCancelKey(ss *session, key string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if ss.cancelKey != "" && s.keys[ss.cancelKey] == ss {
-		delete(s.keys, ss.cancelKey)
-	}
-	ss.cancelKey = key
-	s.keys[key] = ss
-}
-
-// forwardCancel relays a client's CancelRequest to the upstream, but only when its key
-// belongs to a session that is live now: a stale or guessed key goes nowhere.
-func (s *Server) forwardCancel(raw []byte, from string) {
-	key := string(raw[8:])
-	s.mu.Lock()
-	ss := s.keys[key]
-	s.mu.Unlock()
-	if ss == nil {
-		s.log.Debug("cancel request ignored: no live session has that key", zap.String("client", from))
-		return
-	}
-	s.log.Debug("cancel request forwarded", zap.Uint64("session", ss.info.ID), zap.String("client", from))
-	if err := s.sendCancel(raw); err != nil {
-		s.log.Warn("cancel request failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
-	}
-}
-
-// sendCancel opens a new upstream connection and sends it the CancelRequest packet raw.
-func (s *Server) sendCancel(raw []byte) error {
-	c, err := s.upstream.dial(context.Background())
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(s.upstream.timeout))
-	if _, err := c.Write(raw); err != nil {
-		return err
-	}
-	// The server closes the connection once it has read the request; waiting for that
-	// keeps the cancel from racing the caller's next step.
-	var b [1]byte
-	c.Read(b[:])
-	return nil
+	s.keys.forget(ss)
 }

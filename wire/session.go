@@ -28,12 +28,11 @@ var (
 
 // session is one client connection and its upstream connection.
 type session struct {
-	srv       *Server
-	info      SessionInfo
-	client    net.Conn
-	upstream  net.Conn
-	cancelKey string // guarded by srv.mu
-	startup   []byte // the client's StartupMessage, forwarded raw
+	srv      *Server
+	info     SessionInfo
+	client   net.Conn
+	upstream net.Conn
+	startup  []byte // the client's StartupMessage, forwarded raw
 
 	// Shared between the two copy goroutines.
 	pending     atomic.Int32 // ReadyForQuery messages the client is owed
@@ -418,29 +417,6 @@ func (ss *session) stop(cause error) {
 	})
 }
 
-// cancelIfBusy cancels the query the upstream may still be running for a client that is
-// gone, so that no backend goes on working for nobody.
-func (ss *session) cancelIfBusy() {
-	if ss.pending.Load() <= 0 && !ss.unsynced.Load() {
-		return
-	}
-	ss.srv.mu.Lock()
-	key := ss.cancelKey
-	ss.srv.mu.Unlock()
-	if key == "" {
-		return
-	}
-	raw := make([]byte, 8+len(key))
-	binary.BigEndian.PutUint32(raw[0:4], uint32(len(raw)))
-	binary.BigEndian.PutUint32(raw[4:8], codeCancel)
-	copy(raw[8:], key)
-	if err := ss.srv.sendCancel(raw); err != nil {
-		ss.srv.log.Warn("cancel of abandoned query failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
-		return
-	}
-	ss.srv.log.Info("cancelled the query of a client that disconnected", zap.Uint64("session", ss.info.ID))
-}
-
 // inspectClient acts on the client's messages before they are forwarded.
 func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
 	body := msg[headerLen:]
@@ -547,7 +523,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		if len(body) < 8 {
 			return nil, &protocolError{"invalid BackendKeyData"}
 		}
-		ss.srv.setCancelKey(ss, string(body))
+		ss.srv.keys.set(ss, string(body))
 	case 'R':
 		ss.login.authRequest(body)
 		return stripChannelBinding(body)
