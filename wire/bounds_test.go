@@ -299,6 +299,17 @@ func TestBlackHoledUpstreamFreesSessions(t *testing.T) {
 	// The relay knows the replica's sessions wrote nothing, and that the primary's did.
 	wantFailures(t, r.events, wire.FailLost, false)
 	wantFailures(t, rw.events, wire.FailLost, true)
+	// Each session knew what its own backend was (PostgreSQL 14 and later report it).
+	for _, tc := range []struct {
+		rec  *recorder
+		want string
+	}{{r.events, "on"}, {rw.events, "off"}} {
+		for _, f := range tc.rec.Failures() {
+			if f.InHotStandby != tc.want {
+				t.Errorf("failure %+v: InHotStandby %q, want %q", f, f.InHotStandby, tc.want)
+			}
+		}
+	}
 }
 
 func TestFenceStartsSessionsReadOnly(t *testing.T) {
@@ -451,5 +462,48 @@ func TestFencedWaitsForTheStatementInFlight(t *testing.T) {
 	}
 	if f := r.events.Failures(); len(f) != 1 || f[0].Cause != wire.FailFenced || !f[0].Wrote {
 		t.Fatalf("failures: got %+v, want one fenced session that wrote", f)
+	}
+}
+
+func TestAHeldFatalSurvivesAReset(t *testing.T) {
+	// An idle session is told FATAL 57P01, held back from its client; the client's next query
+	// reaches the backend before it exits, so the link ends with a reset, not a clean close.
+	// The client still gets the FATAL, and the failure is reported.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		be := pgproto3.NewBackend(c, c)
+		be.ReceiveStartupMessage()
+		be.Send(&pgproto3.AuthenticationOk{})
+		be.Send(&pgproto3.BackendKeyData{ProcessID: 1, SecretKey: []byte{1, 2, 3, 4}})
+		be.Send(&pgproto3.ReadyForQuery{TxStatus: 'I'})
+		be.Flush()
+		time.Sleep(200 * time.Millisecond)
+		c.Write(errorResponse(false, "SFATAL", "C57P01", "Mterminating connection due to administrator command"))
+		time.Sleep(500 * time.Millisecond) // the backend's exit; the query arrives meanwhile
+		c.Close()                           // with unread data: a reset
+	}()
+	r := startRelay(t, fmt.Sprintf("postgres://%s/?sslmode=disable", ln.Addr()), wire.Config{})
+	ctx := boundedCtx(t, 10*time.Second)
+	conn, err := pgconn.Connect(ctx, fmt.Sprintf("postgres://app@%s/app?sslmode=disable", r.Addr()))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	time.Sleep(400 * time.Millisecond)
+	_, err = conn.Exec(ctx, "select 1").ReadAll()
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "57P01" {
+		t.Fatalf("the next query: got %v, want the held FATAL 57P01", err)
+	}
+	waitFor(t, 10*time.Second, "the failure report", func() bool { return len(r.events.Failures()) == 1 })
+	if f := r.events.Failures()[0]; f.Cause != wire.FailShutdown || f.Code != "57P01" {
+		t.Errorf("failure: got %+v, want the shutdown's 57P01", f)
 	}
 }

@@ -99,6 +99,10 @@ type UpstreamFailure struct {
 	Busy bool
 	// TraceID is the trace id of the statement in flight (see ReadOnlyViolation), or "".
 	TraceID string
+	// InHotStandby is the session's own backend's in_hot_standby ("on" or "off") as it last
+	// reported it, "" from servers before PostgreSQL 14: "on" says the statement in flight
+	// ran on a standby, whatever the monitor last saw.
+	InHotStandby string
 }
 
 // Causes of an UpstreamFailure.

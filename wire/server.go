@@ -158,7 +158,7 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f', 'p'} {
 		s.watchIn[t] = true
 	}
-	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H'} {
+	for _, t := range []byte{'R', 'K', 'E', 'C', 'Z', 'G', 'H', 'S'} {
 		s.watchOut[t] = true
 	}
 	return s, nil

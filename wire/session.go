@@ -24,6 +24,7 @@ var (
 	errShutdown     = errors.New("pgfly is shutting down")
 	errFenced       = errors.New("pgfly fenced the upstream")
 	errLinkDead     = errors.New("the upstream acknowledged nothing")
+	errStopping     = errors.New("the session is stopping")
 )
 
 // session is one client connection and its upstream connection.
@@ -40,6 +41,10 @@ type session struct {
 	txStatus    atomic.Uint32
 	terminated  atomic.Bool // the client sent Terminate
 	fenceAtIdle atomic.Bool // Fenced came while it was busy: it ends at its next ReadyForQuery
+	stopping    atomic.Bool // stop was called: nothing more of the client's is forwarded
+	// standby is the upstream backend's in_hot_standby as its ParameterStatus last said
+	// (PostgreSQL 14 and later report it at login and when a promotion ends recovery).
+	standby atomic.Value // string: "on", "off", or unset
 
 	// Owned by the server-to-client goroutine.
 	wrote       bool // the current transaction wrote
@@ -311,7 +316,10 @@ func (ss *session) relay() SessionEnd {
 		if first.err != nil && !errors.Is(first.err, io.EOF) {
 			end.Reason += ": " + first.err.Error()
 		}
-		if !ss.serverFatal {
+		switch {
+		case ss.deferred != nil: // a held FATAL 57P, then a reset rather than a clean close
+			ss.report(*ss.deferred, tell)
+		case !ss.serverFatal:
 			ss.failed(FailLost, codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name), tell)
 		}
 	}
@@ -377,6 +385,7 @@ func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
 func (ss *session) emit(f UpstreamFailure) {
 	// A login still under way has run no statement: not busy in that sense.
 	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy() && ss.login.over.Load()
+	f.InHotStandby, _ = ss.standby.Load().(string)
 	if u := ss.units.current(); f.Busy && u.hasTrace {
 		f.TraceID = string(u.trace[:])
 	}
@@ -403,6 +412,7 @@ func copyUpstreamToClient(p *pump, done chan<- pumpResult) { done <- pumpResult{
 func (ss *session) stop(cause error) {
 	ss.stopOnce.Do(func() {
 		ss.stopCause = cause
+		ss.stopping.Store(true)
 		ss.login.end(true) // so that it cannot move the deadline set below
 		past := time.Unix(1, 0)
 		ss.client.SetReadDeadline(past)
@@ -419,6 +429,11 @@ func (ss *session) stop(cause error) {
 
 // inspectClient acts on the client's messages before they are forwarded.
 func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
+	if ss.stopping.Load() {
+		// The session is ending (fenced, shut down, a dead link): a statement read just
+		// before must not reach the upstream, where it could still commit.
+		return nil, errStopping
+	}
 	body := msg[headerLen:]
 	switch typ {
 	case 'Q':
@@ -527,6 +542,12 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 	case 'R':
 		ss.login.authRequest(body)
 		return stripChannelBinding(body)
+	case 'S':
+		if name, rest, ok := cbytes(body); ok && string(name) == "in_hot_standby" {
+			if value, _, ok := cbytes(rest); ok {
+				ss.standby.Store(string(value))
+			}
+		}
 	}
 	return nil, nil
 }

@@ -163,6 +163,9 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must be positive (a wait without a bound is what it prevents)", d.v, d.flag)
 		}
 	}
+	if c.maxMessageSize == 0 { // to the relay, zero is its default
+		return sc, fmt.Errorf("invalid value 0 for flag --max-message-size: the minimum is %d", wire.MinMaxMessageSize)
+	}
 	if c.maxClientConn < 0 {
 		return sc, fmt.Errorf("invalid value %d for flag --max-client-conn: must not be negative", c.maxClientConn)
 	}

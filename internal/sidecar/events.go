@@ -74,7 +74,10 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 	}
 	if e.shim != nil {
 		// A statement cut off on a standby wrote nothing; on a primary it may have committed.
-		unsafe := f.Wrote || f.Busy && !e.lastSeenStandby()
+		// The session's own in_hot_standby says which, where the server reports it (it turns
+		// off in open sessions at a promotion); else the monitor's last successful poll.
+		standby := f.InHotStandby == "on" || f.InHotStandby == "" && e.lastSeenStandby()
+		unsafe := f.Wrote || f.Busy && !standby
 		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code,
 			Message: f.Message, TraceID: f.TraceID}, unsafe)
 	}
