@@ -331,10 +331,10 @@ func (s *Server) Fenced() {
 
 // watchLinks ends, until the server closes, the sessions whose upstream has left data
 // unacknowledged for TCPUserTimeout: a busy session on a dead link, which keepalive does not
-// probe (the kernel would retransmit for about 15 minutes). It looks a few times per timeout,
+// probe (the kernel would retransmit for about 15 minutes). It looks ten times per timeout,
 // one getsockopt per session.
 func (s *Server) watchLinks() {
-	t := time.NewTicker(max(s.cfg.TCPUserTimeout/4, 100*time.Millisecond))
+	t := time.NewTicker(max(s.cfg.TCPUserTimeout/10, 100*time.Millisecond))
 	defer t.Stop()
 	var open []*session
 	for {
