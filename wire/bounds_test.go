@@ -488,7 +488,7 @@ func TestAHeldFatalSurvivesAReset(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 		c.Write(errorResponse(false, "SFATAL", "C57P01", "Mterminating connection due to administrator command"))
 		time.Sleep(500 * time.Millisecond) // the backend's exit; the query arrives meanwhile
-		c.Close()                           // with unread data: a reset
+		c.Close()                          // with unread data: a reset
 	}()
 	r := startRelay(t, fmt.Sprintf("postgres://%s/?sslmode=disable", ln.Addr()), wire.Config{})
 	ctx := boundedCtx(t, 10*time.Second)

@@ -42,6 +42,7 @@ type session struct {
 	terminated  atomic.Bool // the client sent Terminate
 	fenceAtIdle atomic.Bool // Fenced came while it was busy: it ends at its next ReadyForQuery
 	stopping    atomic.Bool // stop was called: nothing more of the client's is forwarded
+	clientSpoke atomic.Bool // the client sent a message after stop, which was not forwarded
 	// standby is the upstream backend's in_hot_standby as its ParameterStatus last said
 	// (PostgreSQL 14 and later report it at login and when a promotion ends recovery).
 	standby atomic.Value // string: "on", "off", or unset
@@ -344,7 +345,7 @@ const deadSessionHold = time.Minute
 // deadSessionHold, or until pgfly shuts down), and the failure is reported then, when that
 // request is in flight, and only then told. A client that sends Terminate is let go quietly.
 func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
-	if ss.busy() {
+	if ss.busy() || ss.clientSpoke.Load() {
 		ss.emit(f)
 		tell(f.Code, f.Message)
 		return
@@ -431,7 +432,9 @@ func (ss *session) stop(cause error) {
 func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
 	if ss.stopping.Load() {
 		// The session is ending (fenced, shut down, a dead link): a statement read just
-		// before must not reach the upstream, where it could still commit.
+		// before must not reach the upstream, where it could still commit. The client has
+		// spoken, though, and waits for an answer (see report).
+		ss.clientSpoke.Store(true)
 		return nil, errStopping
 	}
 	body := msg[headerLen:]
