@@ -103,33 +103,13 @@ func mustRoutes(tb testing.TB, s string) router.RoutePatterns {
 	return p
 }
 
-// downPair is an app with /a and /b in flight at once: /a's session fails (with the trace id
-// traceOf gives) once /b has arrived, and each answers with its status from status.
+// downPair is pairAppWith for a failure of /a's session, carrying traceID.
 func downPair(traceID string, status map[string]int) func(*router.Shim) http.Handler {
-	return func(shim *router.Shim) http.Handler {
-		bArrived, failed := make(chan struct{}), make(chan struct{})
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			switch r.URL.Path {
-			case "/a":
-				if !await(r, bArrived) {
-					http.Error(w, "/b never arrived", http.StatusGatewayTimeout)
-					return
-				}
-				f := failure()
-				f.TraceID = traceID
-				shim.UpstreamFailed(f, false)
-				close(failed)
-			case "/b":
-				close(bArrived)
-				if !await(r, failed) {
-					http.Error(w, "/a never failed", http.StatusGatewayTimeout)
-					return
-				}
-			}
-			w.WriteHeader(status[r.URL.Path])
-			io.WriteString(w, appBody)
-		})
-	}
+	return pairAppWith(func(shim *router.Shim, _ *http.Request) {
+		f := failure()
+		f.TraceID = traceID
+		shim.UpstreamFailed(f, false)
+	}, status)
 }
 
 func TestUpstreamFailureSparesWhatItDidNotBreak(t *testing.T) {

@@ -345,8 +345,15 @@ func TestTaintedRequestGetsFlyReplay(t *testing.T) {
 // pairApp is an app with two requests in flight at once: /a gets the violation once /b has
 // arrived, and /b answers only after that. traceOf gives the trace id the violation carries.
 func pairApp(traceOf func(r *http.Request) string) func(*router.Shim) http.Handler {
+	return pairAppWith(func(shim *router.Shim, r *http.Request) { shim.ReadOnly(violation(traceOf(r))) }, nil)
+}
+
+// pairAppWith is an app with /a and /b in flight at once: /a reports what fire reports once
+// /b has arrived, and /b answers only after that. Each answers appBody with its status from
+// status (200 when absent).
+func pairAppWith(fire func(*router.Shim, *http.Request), status map[string]int) func(*router.Shim) http.Handler {
 	return func(shim *router.Shim) http.Handler {
-		bArrived, violated := make(chan struct{}), make(chan struct{})
+		bArrived, fired := make(chan struct{}), make(chan struct{})
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			switch r.URL.Path {
 			case "/a":
@@ -354,14 +361,17 @@ func pairApp(traceOf func(r *http.Request) string) func(*router.Shim) http.Handl
 					http.Error(w, "/b never arrived", http.StatusGatewayTimeout)
 					return
 				}
-				shim.ReadOnly(violation(traceOf(r)))
-				close(violated)
+				fire(shim, r)
+				close(fired)
 			case "/b":
 				close(bArrived)
-				if !await(r, violated) {
-					http.Error(w, "/a never got its violation", http.StatusGatewayTimeout)
+				if !await(r, fired) {
+					http.Error(w, "/a never got its event", http.StatusGatewayTimeout)
 					return
 				}
+			}
+			if code, ok := status[r.URL.Path]; ok {
+				w.WriteHeader(code)
 			}
 			io.WriteString(w, appBody)
 		})
