@@ -117,7 +117,7 @@ func (s *Server) handle(c net.Conn, full bool) {
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
 			zap.String("upstream", s.upstream.name), zap.Error(err))
 		msg := fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)
-		s.obs.UpstreamFailed(UpstreamFailure{Time: time.Now(), Cause: FailConnect, Code: codeConnectionFailure, Message: msg})
+		ss.emit(UpstreamFailure{Cause: FailConnect, Code: codeConnectionFailure, Message: msg})
 		ss.client.Write(errorMessage("FATAL", codeConnectionFailure, msg))
 		return
 	}
@@ -345,21 +345,37 @@ const deadSessionHold = time.Minute
 // deadSessionHold, or until pgfly shuts down), and the failure is reported then, when that
 // request is in flight, and only then told. A client that sends Terminate is let go quietly.
 func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
-	if ss.busy() || ss.clientSpoke.Load() {
-		ss.emit(f)
-		tell(f.Code, f.Message)
-		return
+	if !ss.busy() && !ss.clientSpoke.Load() {
+		switch ss.awaitClient() {
+		case heldLeft:
+			return
+		case heldSilent: // nobody used the connection in time, or pgfly is closing
+			tell(f.Code, f.Message)
+			return
+		}
 	}
-	// The session is over but for this wait: its upstream connection and its place among
-	// the open sessions (and under MaxClientConn) are given up now.
+	ss.emit(f)
+	tell(f.Code, f.Message)
+}
+
+// What the client of an idle session whose upstream failed did while awaitClient held it.
+const (
+	heldSpoke  = iota // it sent a message: a request is using the connection now
+	heldLeft          // it sent Terminate or hung up
+	heldSilent        // nothing for deadSessionHold, or pgfly is closing
+)
+
+// awaitClient holds the client of a session whose upstream failed while it was idle until it
+// speaks. The session is over but for this wait: its upstream connection and its place among
+// the open sessions (and under MaxClientConn) are given up first.
+func (ss *session) awaitClient() int {
 	ss.upstream.Close()
 	ss.srv.unregister(ss)
 	var b [1]byte
 	for hold := time.Now().Add(deadSessionHold); time.Now().Before(hold); {
 		select {
 		case <-ss.srv.closed:
-			tell(f.Code, f.Message)
-			return
+			return heldSilent
 		default:
 		}
 		step := time.Now().Add(time.Second)
@@ -370,16 +386,14 @@ func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
 		n, err := ss.client.Read(b[:])
 		switch {
 		case n > 0 && b[0] == 'X':
-			return
+			return heldLeft
 		case n > 0:
-			ss.emit(f)
-			tell(f.Code, f.Message)
-			return
+			return heldSpoke
 		case !errors.Is(err, os.ErrDeadlineExceeded):
-			return // the client is gone
+			return heldLeft
 		}
 	}
-	tell(f.Code, f.Message)
+	return heldSilent
 }
 
 // emit hands f, stamped now, to the observer.
