@@ -99,9 +99,11 @@ type UpstreamFailure struct {
 	Busy bool
 	// TraceID is the trace id of the statement in flight (see ReadOnlyViolation), or "".
 	TraceID string
-	// InHotStandby is the session's own backend's in_hot_standby ("on" or "off") as it last
-	// reported it, "" from servers before PostgreSQL 14: "on" says the statement in flight
-	// ran on a standby, whatever the monitor last saw.
+	// InHotStandby is the session's own backend's in_hot_standby ("on" or "off") when the
+	// session was inside a transaction block, which stays as it began through a promotion:
+	// "on" then says the statement in flight ran read-only, whatever the monitor last saw.
+	// "" otherwise (an idle session's next statement may run on a server promoted since its
+	// last ReadyForQuery), and from servers before PostgreSQL 14.
 	InHotStandby string
 }
 

@@ -400,7 +400,13 @@ func (ss *session) awaitClient() int {
 func (ss *session) emit(f UpstreamFailure) {
 	// A login still under way has run no statement: not busy in that sense.
 	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy() && ss.login.over.Load()
-	f.InHotStandby, _ = ss.standby.Load().(string)
+	// The backend's in_hot_standby changes only at its next ReadyForQuery: a session idle
+	// since it said "on" may run its next statement, in a new transaction, on a server
+	// promoted meanwhile. Only a transaction block it was already in when it said so stays
+	// read-only through a promotion; otherwise the observer must judge by other means.
+	if status := TxStatus(ss.txStatus.Load()); status == TxInBlock || status == TxFailed {
+		f.InHotStandby, _ = ss.standby.Load().(string)
+	}
 	if u := ss.units.current(); f.Busy && u.hasTrace {
 		f.TraceID = string(u.trace[:])
 	}
@@ -448,7 +454,11 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 		// The session is ending (fenced, shut down, a dead link): a statement read just
 		// before must not reach the upstream, where it could still commit. The client has
 		// spoken, though, and waits for an answer (see report).
-		ss.clientSpoke.Store(true)
+		if typ == 'X' {
+			ss.terminated.Store(true) // leaving: nobody waits for an answer
+		} else {
+			ss.clientSpoke.Store(true)
+		}
 		return nil, errStopping
 	}
 	body := msg[headerLen:]

@@ -163,6 +163,9 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 			return sc, fmt.Errorf("invalid value %v for flag --%s: must be positive (a wait without a bound is what it prevents)", d.v, d.flag)
 		}
 	}
+	if c.tcpUserTimeout > 0 && c.tcpUserTimeout < time.Second {
+		return sc, fmt.Errorf("invalid value %v for flag --tcp-user-timeout: below 1s a live link's ordinary silence would end its sessions", c.tcpUserTimeout)
+	}
 	if c.maxMessageSize == 0 { // to the relay, zero is its default
 		return sc, fmt.Errorf("invalid value 0 for flag --max-message-size: the minimum is %d", wire.MinMaxMessageSize)
 	}

@@ -74,8 +74,9 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 	}
 	if e.shim != nil {
 		// A statement cut off on a standby wrote nothing; on a primary it may have committed.
-		// The session's own in_hot_standby says which, where the server reports it (it turns
-		// off in open sessions at a promotion); else the monitor's last successful poll.
+		// The session's own in_hot_standby says which for a statement inside a transaction
+		// block begun on a standby; else the monitor's last successful poll, which is up to
+		// an Interval stale after a promotion (a window the README names).
 		standby := f.InHotStandby == "on" || f.InHotStandby == "" && e.lastSeenStandby()
 		unsafe := f.Wrote || f.Busy && !standby
 		e.shim.UpstreamFailed(router.Violation{SessionID: f.SessionID, Time: f.Time, SentAt: f.Time, Code: f.Code,
