@@ -21,6 +21,14 @@ const (
 	BookmarkMaxAge = 5 * time.Minute
 )
 
+// Wait is one bookmark wait: the request's path (never the bookmark itself), how long it
+// waited, and how it ended.
+type Wait struct {
+	Path    string
+	Waited  time.Duration
+	Outcome WaitOutcome
+}
+
 // WaitOutcome is how a bookmark wait ended.
 type WaitOutcome string
 
@@ -74,7 +82,7 @@ func (s *Shim) waitFor(ctx context.Context, req *request, pos lag.Position) Wait
 		outcome = WaitTimeout
 	}
 	if s.cfg.ObserveWait != nil {
-		s.cfg.ObserveWait(waited, outcome)
+		s.cfg.ObserveWait(Wait{Path: req.path, Waited: waited, Outcome: outcome})
 	}
 	s.log.Debug("bookmark wait", zap.String("path", req.path), // never the cookie's contents
 		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))

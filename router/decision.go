@@ -52,12 +52,20 @@ const (
 	OutcomePrimary     Outcome = "primary"      // a read-only refusal in the primary region
 )
 
-// Decision is what the shim did about one request or refusal, for metrics.
+// Decision is what the shim did about one request or refusal, for metrics and for whoever
+// shows what happened (the demo's transcript). Its first four fields are the metrics' labels;
+// the rest say which request and refusal it was about.
 type Decision struct {
 	Outcome Outcome
 	Reason  Reason
 	Match   Match  // "" when no refusal was matched
 	Route   string // "learned" or "configured" for ReasonRoute, else ""
+
+	Method, Path string // the request's; "" when the decision is about no one request
+	RouteKey     string // the route, e.g. "POST /items", for ReasonRoute
+	// Code and Message are the standby refusal's SQLSTATE and text, for ReasonReadOnly (and
+	// for ReasonReplicaDown, the failure's when it had one).
+	Code, Message string
 }
 
 // cause is why a request is to be sent to the primary region.
@@ -78,17 +86,19 @@ var errTainted = errors.New("tainted by a standby refusal")
 // before the app ran it, or in place of the app's answer to a tainted request. Nothing reaches
 // w before it.
 func (s *Shim) replay(w http.ResponseWriter, req *request, c cause) {
-	d := Decision{Reason: c.reason, Match: c.match, Route: c.route}
+	d := Decision{Reason: c.reason, Match: c.match, Route: c.route, Method: req.method, Path: req.path}
 	fields := []zap.Field{zap.String("method", req.method), zap.String("path", req.path),
 		zap.String("region", s.cfg.Region), zap.String("target_region", s.cfg.PrimaryRegion),
 		zap.String("reason", string(c.reason)), zap.String("mode", string(s.cfg.Mode))}
 	if c.v != nil {
+		d.Code, d.Message = c.v.Code, c.v.Message
 		fields = append(fields, zap.Uint64("session", c.v.SessionID), zap.String("sqlstate", c.v.Code), zap.String("match", string(c.match)))
 		if status := req.status(); status != 0 {
 			fields = append(fields, zap.Int("app_status", status))
 		}
 	}
 	if c.route != "" {
+		d.RouteKey = req.key
 		fields = append(fields, zap.String("route", req.key), zap.String("route_source", c.route))
 	}
 	log := s.log.With(fields...)

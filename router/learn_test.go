@@ -257,7 +257,7 @@ func TestConfiguredRoutes(t *testing.T) {
 
 func TestRequestsAfterTheRefusedStatementAreNotTainted(t *testing.T) {
 	var sentAt time.Time
-	bIn, violated := make(chan struct{}), make(chan struct{})
+	aSent, bIn, violated := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	var tainted []int
 	cfg := replicaRegion()
 	cfg.ObserveRefusal = func(n int) { tainted = append(tainted, n) }
@@ -266,6 +266,7 @@ func TestRequestsAfterTheRefusedStatementAreNotTainted(t *testing.T) {
 			switch r.URL.Path {
 			case "/a": // sends its statement, then /b starts, then the refusal arrives
 				sentAt = time.Now()
+				close(aSent)
 				if !await(r, bIn) {
 					return
 				}
@@ -284,10 +285,12 @@ func TestRequestsAfterTheRefusedStatementAreNotTainted(t *testing.T) {
 	var a, b reply
 	var wg sync.WaitGroup
 	wg.Go(func() { a = h.send(t, http.MethodPost, "/a", nil, nil) })
-	for deadline := time.Now().Add(10 * time.Second); h.shim.InFlight() == 0 && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond)
+	select { // /b starts strictly after /a's statement was sent, however loaded the machine
+	case <-aSent:
+	case <-time.After(10 * time.Second):
+		t.Fatal("/a never sent its statement")
 	}
-	time.Sleep(2 * time.Millisecond) // /b starts strictly after /a's statement was sent
+	time.Sleep(time.Millisecond)
 	wg.Go(func() { b = h.send(t, http.MethodGet, "/b", nil, nil) })
 	wg.Wait()
 	wantFlyReplay(t, a, "pgfly_read_only")

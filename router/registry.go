@@ -126,7 +126,7 @@ func (s *Shim) ReadOnly(v Violation) {
 		if v.Code == codeReadOnly { // other codes on a primary are ordinary errors
 			log.Error("read-only violation in the primary region: not replaying; is the primary read-only (disk full, default_transaction_read_only)?",
 				zap.String("region", s.cfg.Region))
-			s.observe(Decision{Outcome: OutcomePrimary, Reason: ReasonReadOnly})
+			s.observe(Decision{Outcome: OutcomePrimary, Reason: ReasonReadOnly, Code: v.Code, Message: v.Message})
 		}
 		return
 	}
@@ -143,7 +143,8 @@ func (s *Shim) ReadOnly(v Violation) {
 		if !precise.taintWith(&v, MatchPrecise, true) {
 			log.Warn("standby refusal matched a request whose response has started: cannot replay it",
 				zap.String("method", precise.method), zap.String("path", precise.path), zap.String("trace_id", v.TraceID))
-			s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchPrecise})
+			s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchPrecise,
+				Method: precise.method, Path: precise.path, Code: v.Code, Message: v.Message})
 		}
 		s.observeRefusal(1)
 		return
@@ -163,10 +164,10 @@ func (s *Shim) ReadOnly(v Violation) {
 	case started > 0:
 		log.Warn("standby refusal while only started responses are in flight: cannot replay them",
 			zap.Int("started", started))
-		s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchOverlap})
+		s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReadOnly, Match: MatchOverlap, Code: v.Code, Message: v.Message})
 	default:
 		log.Warn("standby refusal with no HTTP request in flight (a background job or console?): the error reaches its client as it is")
-		s.observe(Decision{Outcome: OutcomeNoRequest, Reason: ReasonReadOnly})
+		s.observe(Decision{Outcome: OutcomeNoRequest, Reason: ReasonReadOnly, Code: v.Code, Message: v.Message})
 	}
 }
 

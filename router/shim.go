@@ -104,10 +104,10 @@ type Config struct {
 	// recently used is forgotten first.
 	MaxRoutes int
 
-	// Observe, when set, is told every decision, for metrics. It must be quick.
+	// Observe, when set, is told every decision. It must be quick.
 	Observe func(Decision)
-	// ObserveWait, when set, is told every bookmark wait: how long, and its WaitOutcome.
-	ObserveWait func(wait time.Duration, outcome WaitOutcome)
+	// ObserveWait, when set, is told every bookmark wait.
+	ObserveWait func(Wait)
 	// ObserveRefusal, when set, is told how many requests in flight each standby refusal
 	// tainted.
 	ObserveRefusal func(tainted int)

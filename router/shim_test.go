@@ -108,12 +108,7 @@ type harness struct {
 
 	mu        sync.Mutex
 	decisions []router.Decision
-	waits     []waitReport
-}
-
-type waitReport struct {
-	waited  time.Duration
-	outcome router.WaitOutcome
+	waits     []router.Wait
 }
 
 // start runs a shim with cfg (Listen and App's host are filled in; App's path is kept) in
@@ -133,10 +128,10 @@ func start(tb testing.TB, cfg router.Config, app func(*router.Shim) http.Handler
 		defer h.mu.Unlock()
 		h.decisions = append(h.decisions, d)
 	}
-	cfg.ObserveWait = func(waited time.Duration, outcome router.WaitOutcome) {
+	cfg.ObserveWait = func(w router.Wait) {
 		h.mu.Lock()
 		defer h.mu.Unlock()
-		h.waits = append(h.waits, waitReport{waited, outcome})
+		h.waits = append(h.waits, w)
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	shim, err := router.New(cfg, zap.New(core))
@@ -176,13 +171,25 @@ func start(tb testing.TB, cfg router.Config, app func(*router.Shim) http.Handler
 	return h
 }
 
+// decided is the decisions so far as the metrics see them: their labels only.
 func (h *harness) decided() []router.Decision {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	labels := make([]router.Decision, len(h.decisions))
+	for i, d := range h.decisions {
+		labels[i] = router.Decision{Outcome: d.Outcome, Reason: d.Reason, Match: d.Match, Route: d.Route}
+	}
+	return labels
+}
+
+// decidedInFull is the decisions so far with what they say about their request.
+func (h *harness) decidedInFull() []router.Decision {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return slices.Clone(h.decisions)
 }
 
-func (h *harness) waited() []waitReport {
+func (h *harness) waited() []router.Wait {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return slices.Clone(h.waits)
@@ -1212,11 +1219,11 @@ func TestWaitOutcomes(t *testing.T) {
 				h.send(t, http.MethodGet, "/", nil, req.Header)
 			}
 			got := h.waited()
-			if len(got) != 1 || got[0].outcome != tc.want {
+			if len(got) != 1 || got[0].Outcome != tc.want {
 				t.Fatalf("got waits %+v, want one %q", got, tc.want)
 			}
-			if tc.want == "timeout" && got[0].waited < wait {
-				t.Errorf("got a timeout after %v, want at least the %v ConsistencyWait", got[0].waited, wait)
+			if tc.want == "timeout" && got[0].Waited < wait {
+				t.Errorf("got a timeout after %v, want at least the %v ConsistencyWait", got[0].Waited, wait)
 			}
 			if tc.cancel && h.appHits.Load() != 0 {
 				t.Errorf("the app got %d requests after the client gave up, want none", h.appHits.Load())
@@ -1435,4 +1442,35 @@ func acceptUpgrade(w http.ResponseWriter) (conn net.Conn, brw *bufio.ReadWriter,
 	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
 	brw.Flush()
 	return conn, brw, true
+}
+
+// TestDecisionsSayWhichRequest: besides its labels, a decision names the request, the refusal
+// that caused it and the route, for whoever shows what happened.
+func TestDecisionsSayWhichRequest(t *testing.T) {
+	t.Run("a refusal", func(t *testing.T) {
+		h := start(t, replicaRegion(), writer)
+		wantFlyReplay(t, h.send(t, http.MethodPost, "/items/3?name=x", nil, nil), "pgfly_read_only")
+		wantDecisions(t, h, router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonReadOnly, Match: router.MatchOverlap})
+		v := violation("")
+		want := router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonReadOnly, Match: router.MatchOverlap,
+			Method: http.MethodPost, Path: "/items/3", Code: v.Code, Message: v.Message}
+		if got := h.decidedInFull(); len(got) != 1 || got[0] != want {
+			t.Errorf("got %+v, want %+v", got, want)
+		}
+	})
+	t.Run("a configured route", func(t *testing.T) {
+		cfg := replicaRegion()
+		var err error
+		if cfg.ReplayRoutes, err = router.ParseRoutePatterns("POST /items/*"); err != nil {
+			t.Fatal(err)
+		}
+		h := start(t, cfg, writer)
+		wantFlyReplay(t, h.send(t, http.MethodPost, "/items/3", nil, nil), "pgfly_route")
+		wantDecisions(t, h, router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonRoute, Route: "configured"})
+		want := router.Decision{Outcome: router.OutcomeReplayed, Reason: router.ReasonRoute, Route: "configured",
+			Method: http.MethodPost, Path: "/items/3", RouteKey: "POST /items/*"}
+		if got := h.decidedInFull(); len(got) != 1 || got[0] != want {
+			t.Errorf("got %+v, want %+v", got, want)
+		}
+	})
 }

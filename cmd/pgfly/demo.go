@@ -18,9 +18,6 @@ import (
 	"syscall"
 	"time"
 
-	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
-
 	"github.com/pgfly/pgfly/internal/edge"
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/regions"
@@ -90,15 +87,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	sctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	trace := &trace{}
+	trace := &trace{primary: regions.DefaultPrimaryRegion}
 	if !cfg.scenario {
 		trace.live = stdout
 	}
-	log := zap.New(zapcore.NewTee(jsonLog.Core(), &traceCore{trace: trace}))
 
 	fmt.Fprintln(stdout, "pgfly demo: starting a PostgreSQL primary and streaming replica, and in each of two regions the demo app and pgfly ...")
 	startCtx, cancel := context.WithTimeout(sctx, demoStartTimeout)
-	s, err := regions.Start(startCtx, regions.Options{Listen: cfg.listen, Log: log})
+	s, err := regions.Start(startCtx, regions.Options{Listen: cfg.listen, Log: jsonLog, Observe: trace.add})
 	cancel()
 	switch {
 	case err != nil && sctx.Err() != nil:
@@ -189,16 +185,15 @@ type scenarioStep struct {
 	check func(a *answer) error
 }
 
-// answer is what the scenario's client got back, and what pgfly and the edge logged
-// meanwhile.
+// answer is what the scenario's client got back, and what pgfly and the edge did meanwhile.
 type answer struct {
 	status       int
 	trail        string // X-Edge-Trail
 	region       string // X-App-Region
 	body         string
 	bookmark     string // a pgfly_lsn cookie the response set
-	events       []traceEvent
-	replayReason string // why pgfly asked for a replay, from its log
+	events       []regions.Event
+	replayReason string // why pgfly asked for a replay
 }
 
 // runScenario walks through the setup without interaction and prints a transcript.
@@ -256,7 +251,9 @@ func runScenario(ctx context.Context, s *regions.Setup, tr *trace, w io.Writer) 
 			continue
 		}
 		for _, ev := range a.events {
-			fmt.Fprintf(w, "   %s\n", ev)
+			for _, line := range tr.lines(ev) {
+				fmt.Fprintf(w, "   %s\n", line)
+			}
 		}
 		fmt.Fprintf(w, "   -> %d %s, ran in %s (X-Edge-Trail: %s, X-App-Region: %s)\n",
 			a.status, http.StatusText(a.status), strings.ReplaceAll(a.trail, ">", " then "), a.trail, a.region)
@@ -318,7 +315,7 @@ func scenarioRequest(ctx context.Context, client *http.Client, tr *trace, edgeUR
 		}
 	}
 	for _, ev := range a.events {
-		if r := ev.replayReason(); r != "" {
+		if r := tr.replayReason(ev); r != "" {
 			a.replayReason = r
 		}
 	}
@@ -331,7 +328,7 @@ func scenarioRequest(ctx context.Context, client *http.Client, tr *trace, edgeUR
 // servedBecause says why a request that was not replayed could run where it ran.
 func (a *answer) servedBecause(region string) string {
 	for _, ev := range a.events {
-		if ev.msg == msgBookmarkWait && ev.str("outcome") == "caught_up" {
+		if ev.Wait != nil && ev.Wait.Outcome == router.WaitCaughtUp {
 			return fmt.Sprintf("it carried the bookmark of the write and the replica in %s had replayed it, so %s served it", region, region)
 		}
 	}
@@ -352,29 +349,24 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-// trace keeps the log events that tell what happened to a request (the edge's hops,
-// pgfly's replay decisions and bookmark waits) and, in the interactive demo, prints them as
-// they happen.
+// trace keeps what happened to each request (the edge's hops, pgfly's decisions and bookmark
+// waits), from the setup's events rather than its logs, and, in the interactive demo, prints
+// it as it happens.
 type trace struct {
-	mu     sync.Mutex
-	events []traceEvent
-	live   io.Writer // nil: keep only
+	primary string // the primary region, where pgfly replays to
+	mu      sync.Mutex
+	events  []regions.Event
+	live    io.Writer // nil: keep only
 }
 
-// traceEvent is one log entry the trace keeps.
-type traceEvent struct {
-	time   time.Time
-	logger string
-	msg    string
-	fields map[string]any
-}
-
-func (t *trace) add(ev traceEvent) {
+func (t *trace) add(ev regions.Event) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.events = append(t.events, ev)
 	if t.live != nil {
-		fmt.Fprintf(t.live, "  %s  %s\n", ev.time.Format("15:04:05.000"), ev)
+		for _, line := range t.lines(ev) {
+			fmt.Fprintf(t.live, "  %s  %s\n", ev.Time.Format("15:04:05.000"), line)
+		}
 	}
 }
 
@@ -390,116 +382,88 @@ func (t *trace) mark() int {
 	return len(t.events)
 }
 
-func (t *trace) since(mark int) []traceEvent {
+func (t *trace) since(mark int) []regions.Event {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return slices.Clone(t.events[mark:])
 }
 
-// str returns a field as text, "" when absent.
-func (ev traceEvent) str(k string) string {
-	v, ok := ev.fields[k]
-	if !ok || v == nil {
-		return ""
-	}
-	if d, ok := v.(time.Duration); ok {
-		if d < 100*time.Microsecond {
-			return "<0.1ms"
+// lines are an event as the demo prints it: one line each, but two for a refusal that was
+// replayed (what the database said, then what pgfly did).
+func (t *trace) lines(ev regions.Event) []string {
+	switch {
+	case ev.Hop != nil:
+		return []string{hopLine(ev.Hop)}
+	case ev.Wait != nil:
+		w := ev.Wait
+		if w.Outcome == router.WaitCaughtUp {
+			return []string{fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had replayed it after %s", ev.Region, w.Path, duration(w.Waited))}
 		}
-		return d.Round(100 * time.Microsecond).String()
+		return []string{fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had not replayed it after %s (%s)", ev.Region, w.Path, duration(w.Waited), w.Outcome)}
+	case ev.Decision != nil:
+		return t.decisionLines(ev.Region, ev.Decision)
 	}
-	return fmt.Sprint(v)
-}
-
-func (ev traceEvent) request() string { return ev.str("method") + " " + ev.str("path") }
-
-// replayReason explains, from pgfly's log, why a request was replayed; "" for other events.
-func (ev traceEvent) replayReason() string {
-	if ev.msg != msgReplaying {
-		return ""
-	}
-	switch router.Reason(ev.str("reason")) {
-	case router.ReasonReadOnly:
-		return fmt.Sprintf("the database in %s is a read-only replica and refused the write (SQLSTATE %s), so pgfly there answered fly-replay: region=%s",
-			ev.str("region"), ev.str("sqlstate"), ev.str("target_region"))
-	case router.ReasonLag:
-		return fmt.Sprintf("the replica in %s had not replayed the request's bookmark in time, so pgfly there answered fly-replay: region=%s",
-			ev.str("region"), ev.str("target_region"))
-	case router.ReasonRoute:
-		return fmt.Sprintf("%s is a %s write route, so pgfly in %s answered fly-replay: region=%s before the app ran it",
-			ev.str("route"), ev.str("route_source"), ev.str("region"), ev.str("target_region"))
-	}
-	return "pgfly asked for a replay (" + ev.str("reason") + ")"
-}
-
-// String is the event as one line of the demo's output.
-func (ev traceEvent) String() string {
-	region := ev.str("region")
-	switch ev.msg {
-	case msgHop:
-		switch {
-		case ev.str("error") != "":
-			return fmt.Sprintf("edge  %s -> %s: failed: %s", ev.request(), ev.str("to"), ev.str("error"))
-		case ev.str("replay") != "":
-			return fmt.Sprintf("edge  %s -> %s: %s with fly-replay: %s", ev.request(), ev.str("to"), ev.str("status"), ev.str("replay"))
-		case ev.str("from") != "":
-			return fmt.Sprintf("edge  %s -> %s: %s (replayed from %s, fly-replay-src state=%s)", ev.request(), ev.str("to"), ev.str("status"), ev.str("from"), ev.str("state"))
-		}
-		return fmt.Sprintf("edge  %s -> %s: %s", ev.request(), ev.str("to"), ev.str("status"))
-	case msgViolation:
-		return fmt.Sprintf("%s   pgfly: the database refused a write: %s (SQLSTATE %s)", region, ev.str("message"), ev.str("sqlstate"))
-	case msgReplaying:
-		return fmt.Sprintf("%s   pgfly: %s: answering fly-replay: region=%s (reason %s)", region, ev.request(), ev.str("target_region"), ev.str("reason"))
-	case msgBookmarkWait:
-		if ev.str("outcome") == "caught_up" {
-			return fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had replayed it after %s", region, ev.str("path"), ev.str("waited"))
-		}
-		return fmt.Sprintf("%s   pgfly: %s carries a bookmark; the replica had not replayed it after %s (%s)", region, ev.str("path"), ev.str("waited"), ev.str("outcome"))
-	}
-	return fmt.Sprintf("%s   %s: %s", region, ev.logger, ev.msg)
-}
-
-// The log messages the trace keeps, by the logger that writes them.
-const (
-	msgHop          = "hop"                             // internal/edge
-	msgViolation    = "standby refusal"                 // internal/sidecar
-	msgReplaying    = "replaying in the primary region" // router
-	msgBookmarkWait = "bookmark wait"                   // router, at debug level
-	msgLoopBlocked  = "replayed request hit a read-only database again: not replaying twice"
-	msgReplayFailed = "replay to the primary region failed"
-)
-
-// traceCore is a zapcore.Core that hands the entries a trace keeps to it, whatever the
-// level of the JSON logs.
-type traceCore struct {
-	trace  *trace
-	fields []zapcore.Field
-}
-
-func (c *traceCore) Enabled(zapcore.Level) bool { return true }
-
-func (c *traceCore) With(fields []zapcore.Field) zapcore.Core {
-	return &traceCore{trace: c.trace, fields: append(slices.Clone(c.fields), fields...)}
-}
-
-func (c *traceCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	switch e.Message {
-	case msgHop, msgViolation, msgReplaying, msgBookmarkWait, msgLoopBlocked, msgReplayFailed:
-		return ce.AddCore(e, c)
-	}
-	return ce
-}
-
-func (c *traceCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
-	enc := zapcore.NewMapObjectEncoder()
-	for _, f := range c.fields {
-		f.AddTo(enc)
-	}
-	for _, f := range fields {
-		f.AddTo(enc)
-	}
-	c.trace.add(traceEvent{time: e.Time, logger: e.LoggerName, msg: e.Message, fields: enc.Fields})
 	return nil
 }
 
-func (c *traceCore) Sync() error { return nil }
+func hopLine(h *edge.Hop) string {
+	req := h.Method + " " + h.Path
+	switch {
+	case h.Err != nil:
+		return fmt.Sprintf("edge  %s -> %s: failed: %v", req, h.To, h.Err)
+	case h.Replay != "":
+		return fmt.Sprintf("edge  %s -> %s: %d with fly-replay: %s", req, h.To, h.Status, h.Replay)
+	case h.From != "":
+		return fmt.Sprintf("edge  %s -> %s: %d (replayed from %s, fly-replay-src state=%s)", req, h.To, h.Status, h.From, h.State)
+	}
+	return fmt.Sprintf("edge  %s -> %s: %d", req, h.To, h.Status)
+}
+
+func (t *trace) decisionLines(region string, d *router.Decision) []string {
+	var lines []string
+	if d.Code != "" {
+		lines = append(lines, fmt.Sprintf("%s   pgfly: the database refused a write: %s (SQLSTATE %s)", region, d.Message, d.Code))
+	}
+	req := d.Method + " " + d.Path
+	switch d.Outcome {
+	case router.OutcomeReplayed:
+		lines = append(lines, fmt.Sprintf("%s   pgfly: %s: answering fly-replay: region=%s (reason %s)", region, req, t.primary, d.Reason))
+	case router.OutcomeLoopBlocked:
+		lines = append(lines, fmt.Sprintf("%s   pgfly: %s was replayed already and hit a read-only database again: not replaying it twice", region, req))
+	case router.OutcomeNotReplayed:
+		lines = append(lines, fmt.Sprintf("%s   pgfly: %s: could not reach the primary region to replay it", region, req))
+	default:
+		lines = append(lines, fmt.Sprintf("%s   pgfly: not replayed (%s)", region, d.Outcome))
+	}
+	return lines
+}
+
+// duration is a short wait as the demo prints it.
+func duration(d time.Duration) string {
+	if d < 100*time.Microsecond {
+		return "<0.1ms"
+	}
+	return d.Round(100 * time.Microsecond).String()
+}
+
+// replayReason explains why pgfly replayed a request; "" for an event that is not a replay.
+func (t *trace) replayReason(ev regions.Event) string {
+	d := ev.Decision
+	if d == nil || d.Outcome != router.OutcomeReplayed {
+		return ""
+	}
+	switch d.Reason {
+	case router.ReasonReadOnly:
+		return fmt.Sprintf("the database in %s is a read-only replica and refused the write (SQLSTATE %s), so pgfly there answered fly-replay: region=%s",
+			ev.Region, d.Code, t.primary)
+	case router.ReasonLag:
+		return fmt.Sprintf("the replica in %s had not replayed the request's bookmark in time, so pgfly there answered fly-replay: region=%s",
+			ev.Region, t.primary)
+	case router.ReasonRoute:
+		return fmt.Sprintf("%s is a %s write route, so pgfly in %s answered fly-replay: region=%s before the app ran it",
+			d.RouteKey, d.Route, ev.Region, t.primary)
+	case router.ReasonReplicaDown:
+		return fmt.Sprintf("the database in %s could not be reached, so pgfly there answered fly-replay: region=%s", ev.Region, t.primary)
+	}
+	return "pgfly asked for a replay (" + string(d.Reason) + ")"
+}

@@ -83,6 +83,40 @@ type Config struct {
 	// replayed; zero means DefaultMaxReplayBody. A larger body is streamed
 	// to the first region and a replay of it is answered with 502.
 	MaxReplayBody int64
+	// OnHop, when set, is told every hop as it returns, before its response goes on. It must
+	// be quick.
+	OnHop func(Hop)
+}
+
+// Hop is one request the edge sent to a region: the first, or a replay.
+type Hop struct {
+	Method, Path string
+	N            int    // 0 for the first hop, 1 for the first replay, ...
+	From         string // the region that asked for this replay; "" for the first hop
+	To           string
+	State        string // the fly-replay state From gave
+	Status       int    // 0 when Err is set
+	Replay       string // the response's fly-replay header, "" when it was the answer
+	Err          error
+	Duration     time.Duration
+}
+
+// fields are the hop's log fields.
+func (h Hop) fields() []zap.Field {
+	f := []zap.Field{zap.String("method", h.Method), zap.String("path", h.Path), zap.Int("hop", h.N),
+		zap.String("from", h.From), zap.String("to", h.To), zap.String("state", h.State)}
+	if h.Err != nil {
+		return append(f, zap.Duration("duration", h.Duration), zap.Error(h.Err))
+	}
+	return append(f, zap.Int("status", h.Status), zap.String("replay", h.Replay), zap.Duration("duration", h.Duration))
+}
+
+// hopped logs a hop and hands it to OnHop.
+func (e *Edge) hopped(h Hop) {
+	e.log.Info("hop", h.fields()...)
+	if e.cfg.OnHop != nil {
+		e.cfg.OnHop(h)
+	}
 }
 
 // Edge is the stand-in proxy. Its lifecycle is New, Listen, Serve, Close;
@@ -351,19 +385,17 @@ func (t *replayTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 		start := time.Now()
 		resp, err := e.transport.RoundTrip(hop)
-		fields := []zap.Field{
-			zap.String("method", req.Method), zap.String("path", rt.path.Path), zap.Int("hop", replays),
-			zap.String("from", from), zap.String("to", region), zap.String("state", state),
-		}
+		h := Hop{Method: req.Method, Path: rt.path.Path, N: replays, From: from, To: region, State: state,
+			Err: err, Duration: time.Since(start)}
 		if err != nil {
-			e.log.Info("hop", append(fields, zap.Duration("duration", time.Since(start)), zap.Error(err))...)
+			e.hopped(h)
 			return nil, &hopError{status: http.StatusBadGateway,
 				msg: fmt.Sprintf("edge: region %s: %v", region, err), trail: trail}
 		}
 		replay := resp.Header.Get(replayHeader)
 		resp.Header.Del(replayHeader)
-		e.log.Info("hop", append(fields, zap.Int("status", resp.StatusCode), zap.String("replay", replay),
-			zap.Duration("duration", time.Since(start)))...)
+		h.Status, h.Replay = resp.StatusCode, replay
+		e.hopped(h)
 		if replay == "" {
 			resp.Header.Set(TrailHeader, strings.Join(trail, ">"))
 			return resp, nil

@@ -52,6 +52,26 @@ type Options struct {
 	Listen string
 	// Log receives every component's logs; nil discards them.
 	Log *zap.Logger
+	// Observe, when set, is told what each region's pgfly decided and each hop of the edge, as
+	// it happens. It must be quick.
+	Observe func(Event)
+}
+
+// Event is one thing that happened to a request: exactly one of Decision, Wait and Hop is set.
+type Event struct {
+	Time     time.Time
+	Region   string           // whose pgfly decided or waited; "" for the edge's hops
+	Decision *router.Decision // what a region's pgfly did about a request or refusal
+	Wait     *router.Wait     // a bookmark wait in a region
+	Hop      *edge.Hop        // a request the edge sent to a region
+}
+
+// observe tells opts.Observe of an event, if anyone listens.
+func (o *Options) observe(ev Event) {
+	if o.Observe != nil {
+		ev.Time = time.Now()
+		o.Observe(ev)
+	}
 }
 
 // Setup is a running two-region setup.
@@ -126,6 +146,7 @@ func Start(ctx context.Context, opts Options) (_ *Setup, err error) {
 		Listen:  opts.Listen,
 		Regions: map[string]string{opts.PrimaryRegion: s.Primary.ShimURL, opts.ReplicaRegion: s.Replica.ShimURL},
 		Default: opts.ReplicaRegion,
+		OnHop:   func(h edge.Hop) { opts.observe(Event{Hop: &h}) },
 	}, opts.Log.Named("edge"))
 	if err != nil {
 		return nil, err
@@ -192,6 +213,8 @@ func startRegion(ctx context.Context, opts Options, name string, upstream *pgclu
 			ReplayRoutes:      opts.ReplayRoutes,
 			LocalRoutes:       opts.LocalRoutes,
 			DisableLearning:   opts.DisableLearning,
+			Observe:           func(d router.Decision) { opts.observe(Event{Region: name, Decision: &d}) },
+			ObserveWait:       func(w router.Wait) { opts.observe(Event{Region: name, Wait: &w}) },
 		},
 		AdminListen: "127.0.0.1:0",
 	}, log.Named("pgfly"))

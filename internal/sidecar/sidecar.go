@@ -21,7 +21,8 @@ import (
 // Config is one pgfly instance: each component's own configuration, which the component
 // checks (a field it cannot take comes back as that package's ConfigError), and the admin
 // side. New fills in what it wires between the components: the relay's Fence, the monitor's
-// OnTwoPrimaries, and the shim's Replica, IsPrimary, UpstreamDown and Observe hooks.
+// OnTwoPrimaries, and the shim's Replica, IsPrimary and UpstreamDown hooks. The shim's
+// Observe and ObserveWait feed the metrics; one the caller set is told after them.
 type Config struct {
 	// Relay is the Postgres relay. Its Upstream's credentials serve the monitor too.
 	Relay wire.Config
@@ -79,8 +80,19 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 			st := monitor.Status()
 			return !st.UpstreamUp && !st.CheckedAt.IsZero() // not before the first poll
 		}
-		rc.Observe = func(d router.Decision) { s.metrics.decision(d) }
-		rc.ObserveWait = func(d time.Duration, outcome router.WaitOutcome) { s.metrics.wait(d, outcome) }
+		observe, observeWait := rc.Observe, rc.ObserveWait // the caller's, told after the metrics
+		rc.Observe = func(d router.Decision) {
+			s.metrics.decision(d)
+			if observe != nil {
+				observe(d)
+			}
+		}
+		rc.ObserveWait = func(w router.Wait) {
+			s.metrics.wait(w.Waited, w.Outcome)
+			if observeWait != nil {
+				observeWait(w)
+			}
+		}
 		rc.ObserveRefusal = func(n int) { s.metrics.tainted.Observe(float64(n)) }
 		rc.ObserveTimeout = func(t router.Timeout) { s.metrics.timeouts.WithLabelValues(string(t)).Inc() }
 		if s.shim, err = router.New(rc, log.Named("router")); err != nil {
