@@ -11,12 +11,14 @@ import (
 	"net/http"
 	"net/http/cookiejar"
 	"net/url"
-	"os/signal"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/pgfly/pgfly/internal/edge"
 	"github.com/pgfly/pgfly/internal/pgcluster"
@@ -59,42 +61,48 @@ data directory.
 Flags:
 `
 
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var cfg demoConfig
-	fs := newFlagSet("pgfly demo", stderr)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), demoUsage)
-		fs.PrintDefaults()
-	}
-	cfg.register(fs)
-	if err := fs.parse(args); err != nil {
-		return err
-	}
+// demoCommand is `pgfly demo`: the whole two-region setup, as a tour or until a signal.
+type demoCommand struct {
+	cfg    demoConfig
+	stdout io.Writer
+	log    *zap.Logger
+}
+
+func (c *demoCommand) name() string         { return "demo" }
+func (c *demoCommand) register(fs *flagSet) { c.cfg.register(fs) }
+func (c *demoCommand) usage() string        { return demoUsage }
+func (c *demoCommand) logLevel() string     { return c.cfg.logLevel }
+func (c *demoCommand) close() error         { return nil } // run stops what it starts
+
+func (c *demoCommand) open(fs *flagSet, log *zap.Logger) error {
+	c.log = log
 	listenSet := false
 	fs.Visit(func(f *flag.Flag) { listenSet = listenSet || f.Name == "listen" })
-	if cfg.scenario && !listenSet {
-		cfg.listen = "127.0.0.1:0"
+	if c.cfg.scenario && !listenSet {
+		c.cfg.listen = "127.0.0.1:0"
 	}
-	if err := checkListen(cfg.listen); err != nil {
-		return err
-	}
-	jsonLog, err := newLogger(cfg.logLevel, stderr)
-	if err != nil {
-		return err
-	}
-	defer jsonLog.Sync()
+	return checkListen(c.cfg.listen)
+}
 
-	sctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
+	sctx, stop := context.WithCancel(ctx) // ends at the first signal
 	defer stop()
-
+	go func() {
+		select {
+		case <-sigs:
+			stop()
+		case <-sctx.Done():
+		}
+	}()
+	stdout := c.stdout
 	trace := &trace{primary: regions.DefaultPrimaryRegion}
-	if !cfg.scenario {
+	if !c.cfg.scenario {
 		trace.live = stdout
 	}
 
 	fmt.Fprintln(stdout, "pgfly demo: starting a PostgreSQL primary and streaming replica, and in each of two regions the demo app and pgfly ...")
 	startCtx, cancel := context.WithTimeout(sctx, demoStartTimeout)
-	s, err := regions.Start(startCtx, regions.Options{Listen: cfg.listen, Log: jsonLog, Observe: trace.add})
+	s, err := regions.Start(startCtx, regions.Options{Listen: c.cfg.listen, Log: c.log, Observe: trace.add})
 	cancel()
 	switch {
 	case err != nil && sctx.Err() != nil:
@@ -117,7 +125,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return nil
 	}
 
-	if cfg.scenario {
+	if c.cfg.scenario {
 		serr := runScenario(sctx, s, trace, stdout)
 		if cerr := closeAll(); serr == nil {
 			serr = cerr

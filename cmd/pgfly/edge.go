@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"go.uber.org/zap"
 
@@ -102,11 +99,19 @@ func (r *regionURLs) Set(s string) error {
 	return nil
 }
 
-func runEdge(ctx context.Context, args []string, stderr io.Writer) error {
-	var cfg edgeConfig
-	fs := newFlagSet("pgfly edge", stderr)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), `Usage: pgfly edge --region NAME=URL [--region NAME=URL ...] --default NAME [flags]
+// edgeCommand is `pgfly edge`: the stand-in edge until a signal stops it.
+type edgeCommand struct {
+	cfg  edgeConfig
+	log  *zap.Logger
+	edge *edge.Edge
+}
+
+func (c *edgeCommand) name() string         { return "edge" }
+func (c *edgeCommand) register(fs *flagSet) { c.cfg.register(fs) }
+func (c *edgeCommand) logLevel() string     { return c.cfg.logLevel }
+
+func (c *edgeCommand) usage() string {
+	return `Usage: pgfly edge --region NAME=URL [--region NAME=URL ...] --default NAME [flags]
 
 A development stand-in for Fly's edge proxy, not a product and not a model of it: it sends
 each request to one region's pgfly and, when the answer carries a fly-replay header, sends
@@ -115,22 +120,15 @@ It adds an X-Edge-Trail response header listing the regions a request ran in, e.
 It trusts every header it is sent: never let it face the internet.
 
 Flags:
-`)
-		fs.PrintDefaults()
-	}
-	cfg.register(fs)
-	if err := fs.parse(args); err != nil {
-		return err
-	}
-	ec, err := cfg.edgeConfig()
+`
+}
+
+func (c *edgeCommand) open(_ *flagSet, log *zap.Logger) error {
+	c.log = log
+	ec, err := c.cfg.edgeConfig()
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(cfg.logLevel, stderr)
-	if err != nil {
-		return err
-	}
-	defer log.Sync()
 	e, err := edge.New(ec, log)
 	if err != nil {
 		return err
@@ -138,21 +136,30 @@ Flags:
 	if err := e.Listen(); err != nil {
 		return fmt.Errorf("%w: stop what uses that address or pick another with --listen", err)
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
+	c.edge = e
+	return nil
+}
+
+func (c *edgeCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	served := make(chan error, 1)
-	go func() { served <- e.Serve() }()
+	go func() { served <- c.edge.Serve() }()
 	select {
 	case err := <-served:
-		e.Close()
 		return err
 	case <-ctx.Done():
 	case sig := <-sigs:
-		log.Info("shutting down", zap.Stringer("signal", sig))
+		c.log.Info("shutting down", zap.Stringer("signal", sig))
 	}
-	err = e.Close()
+	err := c.edge.Close()
 	<-served
-	log.Info("stopped")
+	return err
+}
+
+func (c *edgeCommand) close() error {
+	if c.edge == nil {
+		return nil
+	}
+	err := c.edge.Close() // a second Close does nothing
+	c.log.Info("stopped")
 	return err
 }

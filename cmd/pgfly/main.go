@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 )
 
 func main() {
@@ -59,13 +60,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	switch args[0] {
 	case "serve":
-		return runServe(ctx, args[1:], stderr)
+		return execute(ctx, &serveCommand{}, args[1:], stderr)
 	case "run":
-		return runRun(ctx, args[1:], stdout, stderr)
+		flags, argv := splitCommand(args[1:])
+		return execute(ctx, &runCommand{argv: argv, dashes: slices.Contains(args, "--"), stdout: stdout, stderr: stderr}, flags, stderr)
 	case "demo":
-		return runDemo(ctx, args[1:], stdout, stderr)
+		return execute(ctx, &demoCommand{stdout: stdout}, args[1:], stderr)
 	case "edge":
-		return runEdge(ctx, args[1:], stderr)
+		return execute(ctx, &edgeCommand{}, args[1:], stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

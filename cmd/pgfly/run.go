@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"os/signal"
 	"regexp"
 	"slices"
 	"strings"
@@ -75,173 +74,238 @@ exits, and exits with the app's status. If the app exits, pgfly exits too.
 Flags:
 `
 
-func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flagArgs, argv := splitCommand(args)
-	var cfg runConfig
-	fs := newFlagSet("pgfly run", stderr)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), runUsage)
-		fs.PrintDefaults()
-	}
-	cfg.register(fs)
-	if err := fs.parse(flagArgs); err != nil {
-		if !errors.Is(err, flag.ErrHelp) && !slices.Contains(args, "--") {
-			return fmt.Errorf("%w (the app's command goes after --: pgfly run [flags] -- CMD [ARGS...])", err)
-		}
+// runCommand is `pgfly run`: the sidecar with the app as its child, until the app exits.
+type runCommand struct {
+	cfg            runConfig
+	argv           []string // the app's command, after --
+	dashes         bool     // the command line had a --
+	stdout, stderr io.Writer
+
+	log      *zap.Logger
+	pgfly    *sidecar.Sidecar
+	shim     bool   // the HTTP shim is on: wait for the app to listen
+	dbURL    string // the app's DATABASE_URL, pointed at pgfly
+	appAddr  string // where the app is to listen
+	appPort  string
+	original string // the DATABASE_URL pgfly was given
+}
+
+func (c *runCommand) name() string              { return "run" }
+func (c *runCommand) register(fs *flagSet)      { c.cfg.register(fs) }
+func (c *runCommand) usage() string             { return runUsage }
+func (c *runCommand) logLevel() string          { return c.cfg.logLevel }
+func (c *runCommand) signals() []os.Signal      { return forwardedSignals }
+func (c *runCommand) close() error              { return closeSidecar(c.pgfly, c.log) }
+func (c *runCommand) usageHint(err error) error { return runUsageHint(err, c.dashes) }
+
+// runUsageHint points at the -- that a command line without one lacks.
+func runUsageHint(err error, dashes bool) error {
+	if errors.Is(err, flag.ErrHelp) || dashes {
 		return err
 	}
-	if argv == nil {
+	return fmt.Errorf("%w (the app's command goes after --: pgfly run [flags] -- CMD [ARGS...])", err)
+}
+
+func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
+	c.log = log
+	if c.argv == nil {
 		fs.Usage()
 		return errors.New("pgfly run needs the app's command after --, e.g. pgfly run -- bin/rails server")
 	}
-	original := os.Getenv("DATABASE_URL")
-	if original == "" {
+	c.original = os.Getenv("DATABASE_URL")
+	if c.original == "" {
 		return errors.New("$DATABASE_URL is not set: pgfly run rewrites the app's DATABASE_URL to point at pgfly, so set it to the URL the app would use without pgfly (on Fly, `fly postgres attach` sets it)")
 	}
-	sc, app, how, err := cfg.resolve(original)
+	sc, app, how, err := c.cfg.resolve(c.original)
 	if err != nil {
 		return err
 	}
-	appAddr := hostPort(app)
-	_, appPort, _ := net.SplitHostPort(appAddr)
+	c.appAddr = hostPort(app)
+	_, c.appPort, _ = net.SplitHostPort(c.appAddr)
+	log.Info("upstream chosen", zap.String("upstream", redact(c.cfg.upstream)), zap.String("how", how),
+		zap.String("region", c.cfg.region), zap.String("primary_region", c.cfg.primaryRegion))
 
-	log, err := newLogger(cfg.logLevel, stderr)
-	if err != nil {
+	if c.pgfly, err = openSidecar(fs, sc, log); err != nil {
 		return err
 	}
-	defer log.Sync()
-	log.Info("upstream chosen", zap.String("upstream", redact(cfg.upstream)), zap.String("how", how),
-		zap.String("region", cfg.region), zap.String("primary_region", cfg.primaryRegion))
-
-	pgfly, err := sidecar.New(sc, log)
-	if err != nil {
-		return flagError(fs, err)
-	}
-	if err := pgfly.Listen(); err != nil {
+	if c.dbURL, err = appDatabaseURL(c.original, loopback(c.pgfly.PostgresAddr()), sc.Relay.TLS != nil); err != nil {
 		return err
 	}
-	dbURL, err := appDatabaseURL(original, loopback(pgfly.PostgresAddr()), sc.Relay.TLS != nil)
-	if err != nil {
-		pgfly.Close()
-		return err
+	c.shim = sc.Shim != nil
+	if c.shim && listening(c.appAddr) {
+		return fmt.Errorf("something already listens on %s, where the app is to listen (PORT=%s): stop it, or point --app at a free port", c.appAddr, c.appPort)
 	}
-	shim := sc.Shim != nil
-	if shim && listening(appAddr) {
-		pgfly.Close()
-		return fmt.Errorf("something already listens on %s, where the app is to listen (PORT=%s): stop it, or point --app at a free port", appAddr, appPort)
-	}
+	return nil
+}
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, forwardedSignals...)
-	defer signal.Stop(sigs)
-
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = childEnv(os.Environ(), dbURL, appPort)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, stdout, stderr
+func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
+	cmd := exec.Command(c.argv[0], c.argv[1:]...)
+	cmd.Env = childEnv(os.Environ(), c.dbURL, c.appPort)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
 	// Its own process group, so that a signal pgfly passes on reaches every process of the
 	// app (a shell wrapper's children too) exactly once, even when a terminal also sent it
 	// to pgfly's group.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	pgfly.Start()
+	c.pgfly.Start()
 	if err := cmd.Start(); err != nil {
-		pgfly.Close()
 		return fmt.Errorf("start the app: %w", err)
 	}
-	started := time.Now()
-	log.Info("app started", zap.Int("pid", cmd.Process.Pid), zap.String("command", argv[0]),
-		zap.String("port", appPort), zap.String("database_url", redact(dbURL)))
-	r := &runner{cmd: cmd, log: log}
+	a := &appRun{c: c, cmd: cmd, started: time.Now(), sigs: sigs, ctx: ctx, done: ctx.Done(),
+		exited: make(chan error, 1), pgflyDone: make(chan error, 1)}
+	c.log.Info("app started", zap.Int("pid", cmd.Process.Pid), zap.String("command", c.argv[0]),
+		zap.String("port", c.appPort), zap.String("database_url", redact(c.dbURL)))
+	return a.supervise()
+}
 
-	childDone := make(chan error, 1)
-	go func() { childDone <- cmd.Wait() }()
+// appPhase is where a running app is in its life, as pgfly sees it. Its exit ends every
+// phase.
+type appPhase int
+
+const (
+	appStarting appPhase = iota // not yet listening on its port (with the shim on)
+	appRunning                  // listening, or no shim to wait for
+	appStopping                 // asked to stop: a signal, pgfly's failure or a start timeout
+)
+
+// appRun supervises the app: what it waits for, and what each event does in each phase.
+type appRun struct {
+	c       *runCommand
+	cmd     *exec.Cmd
+	started time.Time
+	phase   appPhase
+	failure error // why pgfly stops the app, when it is not the app's own doing
+
+	sigs      <-chan os.Signal
+	ctx       context.Context
+	done      <-chan struct{}  // ctx's: the caller gave up; nil once acted on
+	ready     chan error       // the app listens on its port, or did not in time
+	pgflyDone chan error       // pgfly stopped on its own; nil once acted on
+	kill      <-chan time.Time // in appStopping: when the app gets SIGKILL
+	exited    chan error
+}
+
+// supervise waits for the app to exit, passing on signals and stopping it when pgfly must,
+// then stops pgfly and returns the app's status (or why pgfly stopped it).
+func (a *appRun) supervise() error {
+	log := a.c.log
+	go func() { a.exited <- a.cmd.Wait() }()
 	waitCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	pgflyDone := make(chan error, 1)
-	go func() { pgflyDone <- pgfly.Wait(waitCtx) }()
-	ready := make(chan error, 1)
-	if shim {
-		go func() { ready <- waitListening(waitCtx, appAddr, cfg.appStartTimeout) }()
+	go func() { a.pgflyDone <- a.c.pgfly.Wait(waitCtx) }()
+	if a.c.shim {
+		a.ready = make(chan error, 1)
+		go func() { a.ready <- waitListening(waitCtx, a.c.appAddr, a.c.cfg.appStartTimeout) }()
 	} else {
+		a.phase = appRunning
 		log.Info("no HTTP shim (--http-listen is empty): not waiting for the app to listen")
-	}
-
-	var (
-		failure error            // why pgfly stops the app, when it is not the app's own doing
-		kill    <-chan time.Time // when an app that was asked to stop gets SIGKILL
-		done    = ctx.Done()
-	)
-	stop := func(sig os.Signal) {
-		if kill == nil {
-			kill = time.After(cfg.shutdownTimeout)
-		}
-		r.signal(sig)
 	}
 	for {
 		select {
-		case err := <-ready:
-			switch {
-			case err == nil:
-				log.Info("app is listening", zap.String("addr", appAddr), zap.Duration("after", time.Since(started)))
-			case failure == nil && kill == nil && waitCtx.Err() == nil:
-				failure = fmt.Errorf("the app did not listen on %s within %v (--app-start-timeout): does it listen on $PORT (%s)? point --app at where it listens", appAddr, cfg.appStartTimeout, appPort)
-				log.Error("stopping the app", zap.Error(failure))
-				stop(syscall.SIGTERM)
+		case err := <-a.ready:
+			a.listened(err)
+		case sig := <-a.sigs:
+			a.signalled(sig)
+		case <-a.done:
+			a.done = nil
+			log.Info("stopping the app", zap.Error(a.ctx.Err()))
+			a.stop(syscall.SIGTERM)
+		case err := <-a.pgflyDone:
+			a.pgflyDone = nil
+			if err != nil && !errors.Is(err, context.Canceled) {
+				a.failure = err
+				log.Error("pgfly failed: stopping the app", zap.Error(err))
+				a.stop(syscall.SIGTERM)
 			}
-		case sig := <-sigs:
-			if sig == syscall.SIGTERM || sig == syscall.SIGINT {
-				if kill == nil {
-					log.Info("passing the signal to the app; pgfly stops once it has exited",
-						zap.Stringer("signal", sig), zap.Duration("timeout", cfg.shutdownTimeout))
-				}
-				stop(sig)
-				continue
-			}
-			r.signal(sig)
-		case <-done:
-			done = nil
-			log.Info("stopping the app", zap.Error(ctx.Err()))
-			stop(syscall.SIGTERM)
-		case err := <-pgflyDone:
-			pgflyDone = nil
-			if err == nil || errors.Is(err, context.Canceled) {
-				continue
-			}
-			failure = err
-			log.Error("pgfly failed: stopping the app", zap.Error(err))
-			stop(syscall.SIGTERM)
-		case <-kill:
-			log.Warn("the app did not exit in time (--shutdown-timeout): killing it", zap.Duration("timeout", cfg.shutdownTimeout))
-			r.signal(syscall.SIGKILL)
-			kill = make(chan time.Time) // never again
-		case err := <-childDone:
+		case <-a.kill:
+			log.Warn("the app did not exit in time (--shutdown-timeout): killing it", zap.Duration("timeout", a.c.cfg.shutdownTimeout))
+			a.signal(syscall.SIGKILL)
+			a.kill = nil // once
+		case err := <-a.exited:
 			cancel()
-			code := exitCode(cmd, err)
-			fields := []zap.Field{zap.Int("status", code), zap.Duration("ran", time.Since(started))}
-			switch {
-			case kill == nil && failure == nil && code != 0:
-				log.Error("the app exited on its own: stopping pgfly", fields...)
-			case kill == nil && failure == nil:
-				log.Info("the app exited on its own with status 0: stopping pgfly", fields...)
-			default:
-				log.Info("the app exited", fields...)
-			}
-			// Whatever the app left behind in its process group goes with it.
-			r.signal(syscall.SIGTERM)
-			sctx, scancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
-			if err := pgfly.Shutdown(sctx); err != nil {
-				log.Warn("shutdown", zap.Error(err))
-			}
-			scancel()
-			pgfly.Close()
-			log.Info("stopped")
-			switch {
-			case failure != nil:
-				return failure
-			case code != 0:
-				return exitError{code}
-			}
-			return nil
+			return a.exit(err)
 		}
+	}
+}
+
+// listened: the app listens on its port, or did not within --app-start-timeout.
+func (a *appRun) listened(err error) {
+	a.ready = nil
+	switch {
+	case err == nil:
+		a.c.log.Info("app is listening", zap.String("addr", a.c.appAddr), zap.Duration("after", time.Since(a.started)))
+		if a.phase == appStarting {
+			a.phase = appRunning
+		}
+		return
+	case a.phase == appStopping:
+		return // stopping already: not listening is no news
+	}
+	a.failure = fmt.Errorf("the app did not listen on %s within %v (--app-start-timeout): does it listen on $PORT (%s)? point --app at where it listens",
+		a.c.appAddr, a.c.cfg.appStartTimeout, a.c.appPort)
+	a.c.log.Error("stopping the app", zap.Error(a.failure))
+	a.stop(syscall.SIGTERM)
+}
+
+// signalled passes a signal on to the app; SIGTERM and SIGINT also mean pgfly stops once the
+// app has exited.
+func (a *appRun) signalled(sig os.Signal) {
+	if sig != syscall.SIGTERM && sig != syscall.SIGINT {
+		a.signal(sig)
+		return
+	}
+	if a.phase != appStopping {
+		a.c.log.Info("passing the signal to the app; pgfly stops once it has exited",
+			zap.Stringer("signal", sig), zap.Duration("timeout", a.c.cfg.shutdownTimeout))
+	}
+	a.stop(sig)
+}
+
+// stop signals the app to stop; the first time, it gives it --shutdown-timeout to exit.
+func (a *appRun) stop(sig os.Signal) {
+	if a.phase != appStopping {
+		a.phase = appStopping
+		a.kill = time.After(a.c.cfg.shutdownTimeout)
+	}
+	a.signal(sig)
+}
+
+// exit: the app has exited. What it left in its process group goes with it, then pgfly
+// shuts down.
+func (a *appRun) exit(err error) error {
+	log := a.c.log
+	code := exitCode(a.cmd, err)
+	fields := []zap.Field{zap.Int("status", code), zap.Duration("ran", time.Since(a.started))}
+	switch {
+	case a.phase != appStopping && code != 0:
+		log.Error("the app exited on its own: stopping pgfly", fields...)
+	case a.phase != appStopping:
+		log.Info("the app exited on its own with status 0: stopping pgfly", fields...)
+	default:
+		log.Info("the app exited", fields...)
+	}
+	a.signal(syscall.SIGTERM)
+	sctx, cancel := context.WithTimeout(context.Background(), a.c.cfg.shutdownTimeout)
+	if err := a.c.pgfly.Shutdown(sctx); err != nil {
+		log.Warn("shutdown", zap.Error(err))
+	}
+	cancel()
+	switch {
+	case a.failure != nil:
+		return a.failure
+	case code != 0:
+		return exitError{code}
+	}
+	return nil
+}
+
+// signal sends sig to the app's process group.
+func (a *appRun) signal(sig os.Signal) {
+	s, ok := sig.(syscall.Signal)
+	if !ok {
+		return
+	}
+	if err := syscall.Kill(-a.cmd.Process.Pid, s); err != nil && !errors.Is(err, syscall.ESRCH) {
+		a.c.log.Warn("signal the app", zap.Stringer("signal", sig), zap.Error(err))
 	}
 }
 
@@ -268,22 +332,6 @@ func (c *runConfig) resolve(original string) (sc sidecar.Config, app *url.URL, h
 		return sc, nil, "", err
 	}
 	return sc, app, how, nil
-}
-
-// runner signals the app's process group.
-type runner struct {
-	cmd *exec.Cmd
-	log *zap.Logger
-}
-
-func (r *runner) signal(sig os.Signal) {
-	s, ok := sig.(syscall.Signal)
-	if !ok {
-		return
-	}
-	if err := syscall.Kill(-r.cmd.Process.Pid, s); err != nil && !errors.Is(err, syscall.ESRCH) {
-		r.log.Warn("signal the app", zap.Stringer("signal", sig), zap.Error(err))
-	}
 }
 
 // exitCode is the app's exit status as a shell reports it: 128+N when signal N killed it.

@@ -5,11 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -294,45 +291,65 @@ func httpURL(flag, s string) (*url.URL, error) {
 	return u, nil
 }
 
-func runServe(ctx context.Context, args []string, stderr io.Writer) error {
-	var cfg serveConfig
-	fs := newFlagSet("pgfly serve", stderr)
-	cfg.register(fs)
-	if err := fs.parse(args); err != nil {
-		return err
-	}
-	sc, err := cfg.sidecarConfig()
+// serveCommand is `pgfly serve`: the sidecar until a signal stops it.
+type serveCommand struct {
+	cfg   serveConfig
+	log   *zap.Logger
+	pgfly *sidecar.Sidecar
+}
+
+func (c *serveCommand) name() string         { return "serve" }
+func (c *serveCommand) register(fs *flagSet) { c.cfg.register(fs) }
+func (c *serveCommand) usage() string        { return "" }
+func (c *serveCommand) logLevel() string     { return c.cfg.logLevel }
+
+func (c *serveCommand) open(fs *flagSet, log *zap.Logger) error {
+	c.log = log
+	sc, err := c.cfg.sidecarConfig()
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(cfg.logLevel, stderr)
-	if err != nil {
-		return err
-	}
-	defer log.Sync()
+	c.pgfly, err = openSidecar(fs, sc, log)
+	return err
+}
+
+func (c *serveCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
+	return serveUntilSignal(ctx, c.pgfly, sigs, c.cfg.shutdownTimeout, c.log)
+}
+
+func (c *serveCommand) close() error { return closeSidecar(c.pgfly, c.log) }
+
+// openSidecar builds pgfly from sc and binds its listeners; a field a component refuses comes
+// back naming its flag.
+func openSidecar(fs *flagSet, sc sidecar.Config, log *zap.Logger) (*sidecar.Sidecar, error) {
 	pgfly, err := sidecar.New(sc, log)
 	if err != nil {
-		return flagError(fs, err)
+		return nil, flagError(fs, err)
 	}
 	if err := pgfly.Listen(); err != nil {
-		return err
+		return nil, err
 	}
-	return serveUntilSignal(ctx, pgfly, cfg.shutdownTimeout, log)
+	return pgfly, nil
+}
+
+// closeSidecar closes what openSidecar opened, if it did.
+func closeSidecar(pgfly *sidecar.Sidecar, log *zap.Logger) error {
+	if pgfly == nil {
+		return nil
+	}
+	err := pgfly.Close()
+	log.Info("stopped")
+	return err
 }
 
 // serveUntilSignal runs pgfly until it fails or a signal asks it to stop. The first SIGTERM or
 // SIGINT stops it gracefully within timeout; a second one returns errInterrupted at once.
-func serveUntilSignal(ctx context.Context, pgfly *sidecar.Sidecar, timeout time.Duration, log *zap.Logger) error {
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
-
+func serveUntilSignal(ctx context.Context, pgfly *sidecar.Sidecar, sigs <-chan os.Signal, timeout time.Duration, log *zap.Logger) error {
 	pgfly.Start()
 	waited := make(chan error, 1)
 	go func() { waited <- pgfly.Wait(ctx) }()
 	select {
 	case err := <-waited:
-		pgfly.Close()
 		return err
 	case sig := <-sigs:
 		log.Info("shutting down: no new sessions or requests, open ones may finish",
@@ -349,8 +366,6 @@ func serveUntilSignal(ctx context.Context, pgfly *sidecar.Sidecar, timeout time.
 		if errors.Is(err, context.DeadlineExceeded) {
 			log.Warn("shutdown timeout reached: closed what was still open")
 		}
-		pgfly.Close()
-		log.Info("stopped")
 		return nil
 	case sig := <-sigs:
 		log.Warn("second signal: exiting at once", zap.Stringer("signal", sig))
