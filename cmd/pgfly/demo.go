@@ -37,6 +37,7 @@ const demoRequestTimeout = 30 * time.Second
 type demoConfig struct {
 	listen   string
 	scenario bool
+	install  bool
 	logLevel string
 }
 
@@ -45,6 +46,8 @@ func (c *demoConfig) register(fs *flagSet) {
 	fs.bindEnv("listen", "PGFLY_DEMO_LISTEN")
 	fs.BoolVar(&c.scenario, "scenario", false, "run a short scripted tour, print what happened, and exit")
 	fs.bindEnv("scenario", "PGFLY_DEMO_SCENARIO")
+	fs.BoolVar(&c.install, "install", false, "first install the PostgreSQL server (the Debian package postgresql, with apt-get; Debian or Ubuntu, as root) if its binaries are missing; nothing when they are there")
+	fs.bindEnv("install", "PGFLY_DEMO_INSTALL")
 	fs.StringVar(&c.logLevel, "log-level", "error", "level of the JSON logs every component writes to stderr: debug, info, warn or error")
 	fs.bindEnv("log-level", "PGFLY_LOG_LEVEL")
 }
@@ -55,7 +58,8 @@ Starts a whole two-region setup on this machine and shows pgfly at work: a real 
 primary (region iad) and streaming replica (region fra), in each region the demo guestbook
 app behind its own pgfly, and a local stand-in for Fly's edge in front. It needs the
 PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup; set $PGFLY_PG_BIN to
-their directory if they are not found). Ctrl-C or SIGTERM stops everything and removes the
+their directory if they are not found); --install installs them first where they are missing,
+on Debian or Ubuntu as root. Ctrl-C or SIGTERM stops everything and removes the
 data directory.
 
 Flags:
@@ -100,6 +104,11 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 		trace.live = stdout
 	}
 
+	if c.cfg.install {
+		if err := installDemo(sctx, stdout); err != nil {
+			return err
+		}
+	}
 	fmt.Fprintln(stdout, "pgfly demo: starting a PostgreSQL primary and streaming replica, and in each of two regions the demo app and pgfly ...")
 	startCtx, cancel := context.WithTimeout(sctx, demoStartTimeout)
 	s, err := regions.Start(startCtx, regions.Options{Listen: c.cfg.listen, Log: c.log, Observe: trace.add})
@@ -109,7 +118,7 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 		fmt.Fprintln(stdout, "pgfly demo: stopped before it was ready; nothing is left running")
 		return nil
 	case errors.Is(err, pgcluster.ErrBinariesNotFound):
-		return fmt.Errorf("the demo runs a real PostgreSQL primary and replica on this machine: %w", err)
+		return fmt.Errorf("the demo runs a real PostgreSQL primary and replica on this machine: %w (on Debian or Ubuntu, as root, pgfly demo --install does it)", err)
 	case errors.Is(err, syscall.EADDRINUSE):
 		return fmt.Errorf("%w: stop what uses that address, or pick another with --listen, e.g. pgfly demo --listen 127.0.0.1:8090", err)
 	case err != nil:

@@ -34,11 +34,16 @@ func TestDemoScenario(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	if err := run(ctx, []string{"demo", "--scenario"}, &stdout, &stderr); err != nil {
-		t.Fatalf("pgfly demo --scenario: %v\nstdout:\n%s\nstderr:\n%s", err, &stdout, &stderr)
+	// With --install, which has nothing to do where the tests run: they need the server.
+	if err := run(ctx, []string{"demo", "--scenario", "--install"}, &stdout, &stderr); err != nil {
+		t.Fatalf("pgfly demo --scenario --install: %v\nstdout:\n%s\nstderr:\n%s", err, &stdout, &stderr)
 	}
 	transcript := stdout.String()
 	t.Logf("transcript:\n%s", transcript)
+	if !strings.Contains(transcript, "pgfly demo --install: the PostgreSQL server binaries are in ") ||
+		!strings.Contains(transcript, "; nothing to install\n") {
+		t.Errorf("got no line saying --install found the server binaries and installed nothing")
+	}
 	steps := scenarioSteps(transcript)
 	if len(steps) != 4 {
 		t.Fatalf("got %d steps, want 4", len(steps))
@@ -134,17 +139,20 @@ func TestDemoFailsClearly(t *testing.T) {
 	tests := []struct {
 		name   string
 		env    []string
+		args   []string
 		listen func(tb testing.TB) string
 		want   []string // fragments of stderr
 	}{
 		{name: "no PostgreSQL binaries", env: []string{"PGFLY_PG_BIN=/nonexistent"}, listen: freeAddr,
 			want: []string{"PostgreSQL server binaries not found (looked in /nonexistent)", "apt-get install -y postgresql", "PGFLY_PG_BIN"}},
+		{name: "--install, with $PGFLY_PG_BIN naming a directory without them", env: []string{"PGFLY_PG_BIN=/nonexistent"}, args: []string{"--install"},
+			listen: freeAddr, want: []string{"--install: PostgreSQL server binaries not found (looked in /nonexistent)", "installing a package would not change it"}},
 		{name: "a busy port", listen: holdAddr,
 			want: []string{"already in use", "pick another address with --listen"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := startProc(t, tt.env, pgflyBin, "demo", "--listen", tt.listen(t))
+			p := startProc(t, tt.env, pgflyBin, append([]string{"demo", "--listen", tt.listen(t)}, tt.args...)...)
 			if code := p.wait(t, time.Minute); code == 0 {
 				t.Errorf("exit status: got 0, want non-zero")
 			}

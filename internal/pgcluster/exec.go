@@ -34,6 +34,10 @@ const killWait = 5 * time.Second
 // before reapStale treats it as abandoned rather than being created.
 const staleAge = time.Minute
 
+// BinDir is the directory Start takes the server binaries from when Options.BinDir is
+// empty, or an error wrapping ErrBinariesNotFound that says where it looked.
+func BinDir() (string, error) { return findBinDir("") }
+
 // findBinDir returns the directory holding the server binaries: explicit if
 // set, else $PGFLY_PG_BIN, else the newest /usr/lib/postgresql/*/bin, else
 // the directory of initdb on PATH.
