@@ -43,6 +43,12 @@ type signalled interface{ signals() []os.Signal }
 // hinted is a command that adds a hint to an error in its command line.
 type hinted interface{ usageHint(err error) error }
 
+// usageError is a command line that cannot be run as it is: exit status 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
 // execute runs cmd with args: parse, logger, open, run, close.
 func execute(ctx context.Context, cmd command, args []string, stderr io.Writer) error {
 	fs := newFlagSet("pgfly "+cmd.name(), stderr)
@@ -55,9 +61,9 @@ func execute(ctx context.Context, cmd command, args []string, stderr io.Writer) 
 	cmd.register(fs)
 	if err := fs.parse(args); err != nil {
 		if h, ok := cmd.(hinted); ok {
-			return h.usageHint(err)
+			err = h.usageHint(err)
 		}
-		return err
+		return usageError{err}
 	}
 	log, err := newLogger(cmd.logLevel(), stderr)
 	if err != nil {

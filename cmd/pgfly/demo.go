@@ -24,6 +24,7 @@ import (
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/internal/sampleapp"
+	"github.com/pgfly/pgfly/internal/sidecar"
 	"github.com/pgfly/pgfly/router"
 )
 
@@ -134,6 +135,7 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 		return nil
 	}
 
+	printDemoChecks(sctx, stdout, s)
 	if c.cfg.scenario {
 		serr := runScenario(sctx, s, trace, stdout)
 		if cerr := closeAll(); serr == nil {
@@ -146,6 +148,23 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	fmt.Fprintln(stdout, "\npgfly demo: stopping ...")
 	trace.stopLive()
 	return closeAll()
+}
+
+// printDemoChecks prints what `pgfly check` says of each region's pgfly.
+func printDemoChecks(ctx context.Context, w io.Writer, s *regions.Setup) {
+	su := pgcluster.RoleSuperuser.Name
+	primary := s.Cluster.Primary.URL(su, "", pgcluster.Database)
+	for _, r := range []struct {
+		region   *regions.Region
+		upstream string
+	}{{s.Replica, s.Cluster.Replica.URL(su, "", pgcluster.Database)}, {s.Primary, primary}} {
+		app, _ := url.Parse(r.region.AppURL)
+		t := checkTarget{Region: r.region.Name, PrimaryRegion: s.Primary.Name, Upstream: r.upstream, Primary: primary,
+			App: app, HTTPListen: r.region.Sidecar.HTTPAddr().String(), AdminListen: r.region.Sidecar.AdminAddr().String(),
+			MaxLag: sidecar.DefaultMaxLag, DatabaseURLBy: "the demo", Listen: r.region.Sidecar.PostgresAddr().String(), AppStarted: true}
+		fmt.Fprintf(w, "\npgfly check, region %s:\n", r.region.Name)
+		printChecks(w, runChecks(ctx, t))
+	}
 }
 
 // checkListen fails, with what to do, when the edge's address is taken.

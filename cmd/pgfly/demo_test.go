@@ -44,6 +44,15 @@ func TestDemoScenario(t *testing.T) {
 		!strings.Contains(transcript, "; nothing to install\n") {
 		t.Errorf("got no line saying --install found the server binaries and installed nothing")
 	}
+	for _, w := range []string{"pgfly check, region fra:\n", "ok    upstream role  a replica (in recovery), as region fra needs\n",
+		"pgfly check, region iad:\n", "ok    upstream role  a primary (not in recovery), as region iad needs\n"} {
+		if !strings.Contains(transcript, w) {
+			t.Errorf("got no %q: the demo prints pgfly check for both regions at start", w)
+		}
+	}
+	if strings.Contains(transcript, "FAIL  ") {
+		t.Errorf("a check of the demo's own setup failed")
+	}
 	steps := scenarioSteps(transcript)
 	if len(steps) != 4 {
 		t.Fatalf("got %d steps, want 4", len(steps))
@@ -104,7 +113,7 @@ func TestDemoStopsOnSignal(t *testing.T) {
 		t.Run(map[syscall.Signal]string{syscall.SIGTERM: "SIGTERM", syscall.SIGINT: "SIGINT"}[sig], func(t *testing.T) {
 			addr := freeAddr(t)
 			p := startProc(t, nil, pgflyBin, "demo", "--listen", addr)
-			p.waitFor(t, 2*time.Minute, "the demo's edge to answer", func() bool { return answers("http://" + addr + "/") })
+			p.waitFor(t, 2*time.Minute, "the demo to say it is running", func() bool { return strings.Contains(p.stdout.String(), "pgfly demo is running") })
 			if got := send(t, "GET", "http://"+addr+"/", "", nil); got.status != 200 || !strings.Contains(got.body, "Guestbook") {
 				t.Fatalf("GET / on the edge: got %d %q, want the guestbook page", got.status, got.body)
 			}

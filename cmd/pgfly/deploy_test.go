@@ -29,18 +29,11 @@ const repoRoot = "../.."
 // commandFlags returns each subcommand's flag set, as registered.
 func commandFlags() map[string]*flagSet {
 	sets := make(map[string]*flagSet)
-	var serve serveConfig
-	sets["serve"] = newFlagSet("pgfly serve", io.Discard)
-	serve.register(sets["serve"])
-	var runc runConfig
-	sets["run"] = newFlagSet("pgfly run", io.Discard)
-	runc.register(sets["run"])
-	var edgec edgeConfig
-	sets["edge"] = newFlagSet("pgfly edge", io.Discard)
-	edgec.register(sets["edge"])
-	var democ demoConfig
-	sets["demo"] = newFlagSet("pgfly demo", io.Discard)
-	democ.register(sets["demo"])
+	for _, c := range []command{&serveCommand{}, &runCommand{}, &edgeCommand{}, &demoCommand{}, &checkCommand{}} {
+		fs := newFlagSet("pgfly "+c.name(), io.Discard)
+		c.register(fs)
+		sets[c.name()] = fs
+	}
 	return sets
 }
 

@@ -27,6 +27,9 @@ func main() {
 			os.Exit(ee.code)
 		}
 		fmt.Fprintln(os.Stderr, "pgfly:", err)
+		if errors.As(err, new(usageError)) {
+			os.Exit(2)
+		}
 		os.Exit(1)
 	}
 }
@@ -45,6 +48,7 @@ Usage:
   pgfly serve [flags]             relay Postgres sessions to the nearby replica (the sidecar)
   pgfly run [flags] -- CMD ...    the sidecar with the app as its child, DATABASE_URL and PORT set
   pgfly demo [--scenario]         a whole two-region setup on this machine, to try pgfly
+  pgfly check [flags]             check a multi-region setup against the real servers (serve's flags)
   pgfly edge [flags]              a development stand-in for Fly's edge proxy (not a product)
   pgfly help                      this text
 
@@ -68,6 +72,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return execute(ctx, &demoCommand{stdout: stdout}, args[1:], stderr)
 	case "edge":
 		return execute(ctx, &edgeCommand{}, args[1:], stderr)
+	case "check":
+		return execute(ctx, &checkCommand{stdout: stdout}, args[1:], stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil

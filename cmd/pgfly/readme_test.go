@@ -21,7 +21,7 @@ func TestReadmeListsEveryFlag(t *testing.T) {
 			t.Errorf("README has no \"### `pgfly %s`\" section", cmd)
 			continue
 		}
-		if cmd == "run" { // run's table lists what it adds to serve's
+		if cmd == "run" || cmd == "check" { // their tables list what they add to serve's
 			section += sections["serve"]
 		}
 		fs.VisitAll(func(f *flag.Flag) {

@@ -43,6 +43,7 @@ var forwardedSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGH
 type runConfig struct {
 	serveConfig
 	appStartTimeout time.Duration
+	check           bool
 }
 
 func (c *runConfig) register(fs *flagSet) {
@@ -51,6 +52,8 @@ func (c *runConfig) register(fs *flagSet) {
 	fs.Lookup("primary").Usage = "primary Postgres URL, for bookmarks and lag; default: $DATABASE_URL [$PGFLY_PRIMARY]"
 	fs.DurationVar(&c.appStartTimeout, "app-start-timeout", DefaultAppStartTimeout, "how long the app may take to listen on the --app port before pgfly stops it and exits")
 	fs.bindEnv("app-start-timeout", "PGFLY_APP_START_TIMEOUT")
+	fs.BoolVar(&c.check, "check", false, "run pgfly check's checks on what run derives from DATABASE_URL (upstream, primary), print them and exit, starting nothing; the app's command may be left out")
+	fs.bindEnv("check", "PGFLY_RUN_CHECK")
 }
 
 const runUsage = `Usage: pgfly run [flags] -- CMD [ARGS...]
@@ -82,6 +85,7 @@ type runCommand struct {
 	stdout, stderr io.Writer
 
 	log      *zap.Logger
+	target   *checkTarget // with --check: what the checks look at, instead of running
 	pgfly    *sidecar.Sidecar
 	shim     bool   // the HTTP shim is on: wait for the app to listen
 	dbURL    string // the app's DATABASE_URL, pointed at pgfly
@@ -108,7 +112,7 @@ func runUsageHint(err error, dashes bool) error {
 
 func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	c.log = log
-	if c.argv == nil {
+	if c.argv == nil && !c.cfg.check {
 		fs.Usage()
 		return errors.New("pgfly run needs the app's command after --, e.g. pgfly run -- bin/rails server")
 	}
@@ -122,6 +126,12 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	}
 	c.appAddr = hostPort(app)
 	_, c.appPort, _ = net.SplitHostPort(c.appAddr)
+	if c.cfg.check {
+		t := serveTarget(&c.cfg.serveConfig, sc, "")
+		t.DatabaseURLBy, t.AppStarted = "pgfly run", false
+		c.target = &t
+		return nil
+	}
 	log.Info("upstream chosen", zap.String("upstream", redact(c.cfg.upstream)), zap.String("how", how),
 		zap.String("region", c.cfg.region), zap.String("primary_region", c.cfg.primaryRegion))
 
@@ -139,6 +149,9 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 }
 
 func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
+	if c.target != nil {
+		return report(c.stdout, runChecks(ctx, *c.target), checkFlags{})
+	}
 	cmd := exec.Command(c.argv[0], c.argv[1:]...)
 	cmd.Env = childEnv(os.Environ(), c.dbURL, c.appPort)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
