@@ -178,6 +178,7 @@ func (s *Shim) modifyResponse(resp *http.Response) error {
 	if v != nil {
 		return errTainted // ReverseProxy closes the app's body and calls appFailed
 	}
+	s.servedHere.Add(1)
 	if s.wantsBookmark(req) {
 		s.setBookmark(resp, req)
 	}

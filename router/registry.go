@@ -70,6 +70,10 @@ func newRequest(r *http.Request) *request {
 	}
 }
 
+// ServedHere is the number of requests the app in this region answered without a replay: the
+// requests kept local.
+func (s *Shim) ServedHere() uint64 { return s.servedHere.Load() }
+
 // InFlight is the number of requests being served by the app.
 func (s *Shim) InFlight() int {
 	s.mu.Lock()

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -151,6 +152,8 @@ type Shim struct {
 	routes       *routes                // learned write routes; nil when learning is off
 	replayRoutes *patternCounts         // cfg.ReplayRoutes
 	localRoutes  *patternCounts         // cfg.LocalRoutes
+
+	servedHere atomic.Uint64 // requests the app here answered, not replayed
 
 	mu       sync.Mutex
 	inflight map[*request]struct{}

@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -40,6 +43,8 @@ func TestMetrics(t *testing.T) {
 				map[string]string{"reason": string(router.ReasonReadOnly), "outcome": "replayed"}, 1},
 			{"iad replays nothing", iadBefore, iadAfter, "pgfly_replay_decisions_total", nil, 0},
 			{"iad counts no violation", iadBefore, iadAfter, "pgfly_readonly_violations_total", nil, 0},
+			{"fra did not serve it", fraBefore, fraAfter, "pgfly_http_served_here_total", nil, 0},
+			{"iad served it", iadBefore, iadAfter, "pgfly_http_served_here_total", nil, 1},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				if got := delta(tc.before, tc.after, tc.metric, tc.labels); got != tc.want {
@@ -74,6 +79,9 @@ func TestMetrics(t *testing.T) {
 		after := scrape(t, w.Replica.AdminURL)
 		if d := delta(before, after, "pgfly_bookmark_wait_seconds", map[string]string{"outcome": "caught_up"}); d != 1 {
 			t.Fatalf("caught-up bookmark waits: got an increase of %v, want 1", d)
+		}
+		if d := delta(before, after, "pgfly_http_served_here_total", nil); d != 1 {
+			t.Errorf("fra's pgfly_http_served_here_total: got an increase of %v, want 1: the read was kept local", d)
 		}
 	})
 
@@ -307,4 +315,52 @@ func delta(before, after map[string]*dto.MetricFamily, name string, labels map[s
 	b, _ := value(before, name, labels)
 	a, _ := value(after, name, labels)
 	return a - b
+}
+
+// TestGrafanaDashboard: the dashboard in deploy/grafana has the panels an operator looks at
+// first, and every metric its queries name is one pgfly serves.
+func TestGrafanaDashboard(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "grafana", "pgfly-dashboard.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatalf("deploy/grafana/pgfly-dashboard.json: %v", err)
+	}
+	w := start(t, regions.Options{})
+	served := scrape(t, w.Replica.AdminURL)
+	metricName := regexp.MustCompile(`\bpgfly_[a-z_]+`)
+	titles := make(map[string]bool)
+	for _, p := range dash.Panels {
+		titles[p.Title] = true
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+		for _, tg := range p.Targets {
+			for _, name := range metricName.FindAllString(tg.Expr, -1) {
+				family := name
+				for _, suffix := range []string{"_bucket", "_count", "_sum"} {
+					if f := strings.TrimSuffix(name, suffix); f != name && served[f] != nil {
+						family = f
+					}
+				}
+				if served[family] == nil {
+					t.Errorf("panel %q queries %s, which pgfly's /metrics does not serve", p.Title, name)
+				}
+			}
+		}
+	}
+	for _, want := range []string{"Replays by reason", "Reads kept local", "Bookmark waits", "Replica lag", "Sessions", "Upstream errors"} {
+		if !titles[want] {
+			t.Errorf("no %q panel", want)
+		}
+	}
 }

@@ -60,6 +60,24 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 		Help: "Client sessions for which the relay could not reach the upstream or lost it, by cause (connect, login timeout, shutdown: a FATAL 57P, lost).",
 	}, []string{"cause"})
 	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures, m.timeouts)
+	// Every known label value from the start, at 0, so that a rate over them is 0 rather than
+	// absent until the first failure (dashboards and alerts see a series to watch).
+	for _, cause := range []string{wire.FailConnect, wire.FailLoginTimeout, wire.FailShutdown, wire.FailLost, wire.FailFenced} {
+		m.upstreamFailures.WithLabelValues(cause)
+	}
+	for _, d := range []router.Decision{ // the replays, by each way a reason comes about
+		{Reason: router.ReasonReadOnly, Match: router.MatchOverlap}, {Reason: router.ReasonReadOnly, Match: router.MatchPrecise},
+		{Reason: router.ReasonLag}, {Reason: router.ReasonRoute, Route: "learned"}, {Reason: router.ReasonRoute, Route: "configured"},
+		{Reason: router.ReasonReplicaDown}, {Reason: router.ReasonReplicaDown, Match: router.MatchOverlap},
+	} {
+		m.replays.WithLabelValues(string(d.Reason), string(d.Match), d.Route, string(router.OutcomeReplayed))
+	}
+	for _, o := range []router.WaitOutcome{router.WaitCaughtUp, router.WaitTimeout, router.WaitUnreachable, router.WaitOtherHistory, router.WaitCancelled} {
+		m.bookmarkWait.WithLabelValues(string(o))
+	}
+	for _, t := range []router.Timeout{router.TimeoutBody, router.TimeoutApp} {
+		m.timeouts.WithLabelValues(string(t))
+	}
 	stat := func(f func(wire.Stats) uint64) func() float64 {
 		return func() float64 { return float64(f(relay.Stats())) }
 	}
@@ -79,7 +97,10 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 	)
 	if shim != nil {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_http_requests_in_flight", Help: "HTTP requests in flight through the shim."},
-			func() float64 { return float64(shim.InFlight()) }))
+			func() float64 { return float64(shim.InFlight()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_http_served_here_total",
+				Help: "HTTP requests the app in this region answered without a replay (beside pgfly_replay_decisions_total{outcome=\"replayed\"}: the share kept local)."},
+				func() float64 { return float64(shim.ServedHere()) }))
 	}
 	status := func(f func(lag.Status) float64) func() float64 {
 		return func() float64 { return f(monitor.Status()) }
