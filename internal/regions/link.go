@@ -106,9 +106,7 @@ func (l *Link) Forward(target string) (string, error) {
 	h := hop{relay: r, served: make(chan error, 1)}
 	go func() { h.served <- r.Serve() }()
 	l.hops = append(l.hops, h)
-	if l.cut && l.kernel == nil {
-		r.Cut()
-	}
+	l.cutHop(h, l.cut)
 	if l.kernel == nil {
 		return r.Addr().String(), nil
 	}
@@ -150,37 +148,39 @@ func (l *Link) SetDelay(d time.Duration) {
 // get no answer (see Link for how, and what a userspace cut cannot show). Nothing is
 // refused or reset, so callers see timeouts, never errors; what TCP still retries when the
 // link comes back arrives then.
-func (l *Link) Cut() error {
+func (l *Link) Cut() error { return l.setCut(true) }
+
+// Restore undoes Cut.
+func (l *Link) Restore() error { return l.setCut(false) }
+
+func (l *Link) setCut(cut bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.kernel != nil {
-		if err := l.kernel.Cut(); err != nil {
+		set := l.kernel.Restore
+		if cut {
+			set = l.kernel.Cut
+		}
+		if err := set(); err != nil {
 			return err
 		}
-	} else {
-		for _, h := range l.hops {
-			h.relay.Cut()
-		}
 	}
-	l.cut = true
+	for _, h := range l.hops {
+		l.cutHop(h, cut)
+	}
+	l.cut = cut
 	return nil
 }
 
-// Restore undoes Cut.
-func (l *Link) Restore() error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.kernel != nil {
-		if err := l.kernel.Restore(); err != nil {
-			return err
-		}
-	} else {
-		for _, h := range l.hops {
-			h.relay.Restore()
-		}
+// cutHop cuts or restores one hop's relay, where the cut is not the kernel's.
+func (l *Link) cutHop(h hop, cut bool) {
+	switch {
+	case l.kernel != nil:
+	case cut:
+		h.relay.Cut()
+	default:
+		h.relay.Restore()
 	}
-	l.cut = false
-	return nil
 }
 
 // Close ends every connection across the link and removes it. It is idempotent.
