@@ -41,12 +41,13 @@ const (
 // crosses a link of its own (Setup.WAL), so that section 5 can delay it alone.
 type twoRegions struct {
 	*regions.Setup
-	closers []func() error // run in reverse order by close, before the setup's Close
+	closers []func() error // run in reverse order by Close, before the setup's own
 
 	routedEdge, primaryEdge string // base URLs where the users of the other two setups send requests
 }
 
-func (t *twoRegions) close() error {
+// Close stops the two comparison setups, then the pgfly setup (its Close, which it shadows).
+func (t *twoRegions) Close() error {
 	var errs []error
 	for i := len(t.closers) - 1; i >= 0; i-- {
 		errs = append(errs, t.closers[i]())
@@ -115,7 +116,7 @@ func (b *bench) startTwoRegions(ctx context.Context, d time.Duration) (_ *twoReg
 	t := &twoRegions{Setup: s}
 	defer func() {
 		if err != nil {
-			t.close()
+			t.Close()
 		}
 	}()
 	su := pgcluster.RoleSuperuser.Name

@@ -35,7 +35,7 @@ func (b *bench) seedClaim(ctx context.Context) error {
 		return err
 	}
 	defer func() {
-		if err := t.close(); err != nil {
+		if err := t.Close(); err != nil {
 			b.logf("stop the two regions: %v", err)
 		}
 	}()

@@ -52,8 +52,9 @@ type Options struct {
 	Listen string
 	// Log receives every component's logs; nil discards them.
 	Log *zap.Logger
-	// Link, when set, puts every cross-region connection on a Link (Setup.Link) that can be
-	// delayed and cut; nil connects the regions over plain loopback.
+	// Link, when set, puts every cross-region connection on a Link (Setup.Link, and
+	// Setup.WAL for the WAL stream) that can be delayed and cut; nil connects the regions
+	// over plain loopback.
 	Link *LinkConfig
 }
 
@@ -65,8 +66,9 @@ type Setup struct {
 	Edge    *edge.Edge
 	// EdgeURL is where clients send HTTP, as they would to Fly.
 	EdgeURL string
-	// Link carries every connection between the regions, nil without Options.Link; WAL
-	// carries the replica's WAL stream, nil unless Options.Link.WAL.
+	// Link carries the connections from the replica region to the primary region, nil
+	// without Options.Link; WAL carries the replica's WAL stream, nil unless
+	// Options.Link.WAL. Cut both to isolate the regions entirely.
 	Link, WAL *Link
 
 	ownCluster bool
