@@ -8,8 +8,8 @@
 //
 // It starts everything it needs: a PostgreSQL primary and replica (internal/pgcluster), the
 // pgfly binary (built from this module) and PgBouncer as child processes whose CPU and
-// memory it reads from /proc, and the sample app, pgfly sidecars and the local edge in
-// process. Figures are medians of interleaved repetitions (A B A B ...), quoted as ratios
+// memory it reads from /proc, and the two-region setup of internal/regions (the sample app,
+// pgfly sidecars and the local edge, in process, with a cross-region link it delays). Figures are medians of interleaved repetitions (A B A B ...), quoted as ratios
 // against a baseline measured in the same run. It needs Linux, pgbench and pgbouncer, and
 // root or the postgres account's rights to run PgBouncer and the servers.
 //

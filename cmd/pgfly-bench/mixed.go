@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/internal/sampleapp"
 	"github.com/pgfly/pgfly/router"
 )
@@ -92,7 +94,8 @@ func (b *bench) mixedLoad(ctx context.Context) error {
 	r.printf("The pgfly setup of section 4 under %d clients at once, each sending its requests one after another "+
 		"through the edge in %s: one request in %d is a write (POST /items, a form with a fresh name, Accept: "+
 		"application/json), the others read (GET /items, every item). A one-way delay of %v on the edge's connection to "+
-		"%s and on the replica-region pgfly's monitor connection to the primary; the WAL stream takes no relay here (the "+
+		"%s and on the replica-region pgfly's monitor connection to the primary (the setup's cross-region link); the WAL "+
+		"stream does not cross it here (the "+
 		"reads carry no bookmark, the clients keep no cookies, so the replica's lag changes nothing that is measured). "+
 		"Two runs, learned write routes on (pgfly's default) and off (`--learn-routes=false`), each on a fresh setup "+
 		"(sidecars, apps and edge started anew, the items table emptied) and each after a warm-up, one at a time, of %d "+
@@ -152,32 +155,27 @@ func yesNo(b bool) string {
 
 // runMixed starts a fresh pgfly setup with learning as m says, warms it up and runs the load.
 func (b *bench) runMixed(ctx context.Context, m *mixedRun) (err error) {
-	c := b.cluster
-	t := &twoRegions{}
+	apps := map[string]*appRuns{primaryRegion: newAppRuns(), replicaRegion: newAppRuns()}
+	setup, err := regions.Start(ctx, regions.Options{
+		Cluster:         b.cluster,
+		DisableLearning: !m.learning,
+		App: func(db *sql.DB, region string) http.Handler {
+			return apps[region].wrap(sampleapp.New(db, region, nil))
+		},
+		Link: &regions.LinkConfig{Delay: b.cfg.delay},
+	})
+	if err != nil {
+		return err
+	}
 	defer func() {
-		if cErr := t.close(); cErr != nil {
+		if cErr := setup.Close(); cErr != nil {
 			b.logf("stop the mixed-load setup: %v", cErr)
 		}
 	}()
-	primaryDB, err := t.openDB(c.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-	if err != nil {
-		return err
-	}
-	if err := sampleapp.Migrate(ctx, primaryDB); err != nil {
-		return err
-	}
-	if _, err := primaryDB.ExecContext(ctx, "TRUNCATE items"); err != nil {
+	if err := b.exec(ctx, b.cluster.Primary, pgcluster.Database, "TRUNCATE items"); err != nil {
 		return fmt.Errorf("empty the items table: %w", err)
 	}
-	if err := c.WaitReplayed(ctx); err != nil {
-		return err
-	}
-	apps := map[string]*appRuns{primaryRegion: newAppRuns(), replicaRegion: newAppRuns()}
-	setup, err := t.startPgfly(ctx, c, b.cfg.delay, pgflyOptions{
-		disableLearning: !m.learning,
-		wrapApp:         func(region string, h http.Handler) http.Handler { return apps[region].wrap(h) },
-	})
-	if err != nil {
+	if err := b.cluster.WaitReplayed(ctx); err != nil {
 		return err
 	}
 	replicaApp := apps[replicaRegion]
@@ -187,22 +185,22 @@ func (b *bench) runMixed(ctx context.Context, m *mixedRun) (err error) {
 	client := &http.Client{Transport: transport, Timeout: 30 * time.Second}
 
 	for i := range mixedWarmUp {
-		if _, _, err := sendItems(ctx, client, setup.edge, true, fmt.Sprintf("warm-%s-%d", m.name(), i)); err != nil {
+		if _, _, err := sendItems(ctx, client, setup.EdgeURL, true, fmt.Sprintf("warm-%s-%d", m.name(), i)); err != nil {
 			return fmt.Errorf("warm-up write: %w", err)
 		}
 	}
 	m.warmRan = replicaApp.get(http.MethodPost)
 	for range mixedWarmUp {
-		if _, _, err := sendItems(ctx, client, setup.edge, false, ""); err != nil {
+		if _, _, err := sendItems(ctx, client, setup.EdgeURL, false, ""); err != nil {
 			return fmt.Errorf("warm-up read: %w", err)
 		}
 	}
-	if m.learned, err = routeLearned(ctx, setup.replicaAdmin, writeRoute); err != nil {
+	if m.learned, err = routeLearned(ctx, setup.Replica.AdminURL, writeRoute); err != nil {
 		return err
 	}
 
 	ranBefore := replicaApp.get(http.MethodPost)
-	if err := b.mixedClients(ctx, client, setup.edge, m); err != nil {
+	if err := b.mixedClients(ctx, client, setup.EdgeURL, m); err != nil {
 		return err
 	}
 	m.replicaRan = replicaApp.get(http.MethodPost) - ranBefore

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/wire"
 )
 
 // pgbenchDB is the database pgbench's tables live in.
@@ -363,8 +364,10 @@ func (b *bench) startPgfly(ctx context.Context, name, upstream, adminAddr string
 		return nil, "", err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	// Section 2 holds more idle sessions than pgfly's default limit in the full profile.
+	maxConn := max(wire.DefaultMaxClientConn, b.prof.sessions+100)
 	cmd := exec.Command(b.pgflyBin, "serve", "--listen", addr, "--upstream", upstream,
-		"--http-listen=", "--admin-listen="+adminAddr, "--log-level", "warn")
+		"--http-listen=", "--admin-listen="+adminAddr, "--log-level", "warn", "--max-client-conn", strconv.Itoa(maxConn))
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, b.cfg.pgflyEnv...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the benchmark
 	p, err := startProcess("pgfly", cmd, filepath.Join(b.tmp, "pgfly-"+name+".log"))

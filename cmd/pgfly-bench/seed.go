@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pgfly/pgfly/internal/edge"
+	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/router"
 )
 
@@ -34,7 +35,7 @@ func (b *bench) seedClaim(ctx context.Context) error {
 		return err
 	}
 	defer func() {
-		if err := t.close(); err != nil {
+		if err := t.Close(); err != nil {
 			b.logf("stop the two regions: %v", err)
 		}
 	}()
@@ -64,10 +65,10 @@ const (
 func (b *bench) compareSetups(ctx context.Context, t *twoRegions, client *http.Client) error {
 	r := &b.rep
 	kinds := []kind{
-		{setupPgfly, true, func(t *twoRegions) string { return t.pgflyEdge }, replicaRegion + ">" + primaryRegion},
+		{setupPgfly, true, func(t *twoRegions) string { return t.EdgeURL }, replicaRegion + ">" + primaryRegion},
 		{setupRouted, true, func(t *twoRegions) string { return t.routedEdge }, replicaRegion},
 		{setupPrimary, true, func(t *twoRegions) string { return t.primaryEdge }, primaryRegion},
-		{setupPgfly, false, func(t *twoRegions) string { return t.pgflyEdge }, replicaRegion},
+		{setupPgfly, false, func(t *twoRegions) string { return t.EdgeURL }, replicaRegion},
 		{setupRouted, false, func(t *twoRegions) string { return t.routedEdge }, replicaRegion},
 		{setupPrimary, false, func(t *twoRegions) string { return t.primaryEdge }, primaryRegion},
 	}
@@ -96,13 +97,14 @@ func (b *bench) compareSetups(ctx context.Context, t *twoRegions, client *http.C
 	}
 
 	r.printf("## 4. The seed's claim: replay the request, or route its statements\n\n")
-	r.printf("Two regions on loopback, %s (primary) and %s (replica), with a one-way delay of %v injected by a userspace "+
-		"relay (internal/delay) on every cross-region TCP connection: the edge to the primary region, the replica-region "+
-		"app's connection to the primary under DB-level routing, the replica-region pgfly's monitor connection to the "+
-		"primary, and the WAL stream (the replica's primary_conninfo points at a relay). Users are in %s: each setup has "+
-		"its own local edge (internal/edge) beside them. A write request (POST /work) does read, write, read, read, write, "+
-		"each statement on its own; a read request (GET /work) does read, read, read.\n\n",
-		primaryRegion, replicaRegion, b.cfg.delay, replicaRegion)
+	r.printf("Two regions on loopback (internal/regions), %s (primary) and %s (replica), with a one-way delay of %v on "+
+		"every cross-region TCP connection, each of which crosses the setup's cross-region link: the edge to the primary "+
+		"region, the replica-region app's connection to the primary under DB-level routing, the replica-region pgfly's "+
+		"monitor connection to the primary, and the WAL stream (the replica's primary_conninfo points at a link of its "+
+		"own). The delay is a userspace relay (internal/delay): this kernel has no qdiscs, so tc netem cannot delay. %s "+
+		"Users are in %s: each setup has its own local edge (internal/edge) beside them. A write request (POST /work) does "+
+		"read, write, read, read, write, each statement on its own; a read request (GET /work) does read, read, read.\n\n",
+		primaryRegion, replicaRegion, b.cfg.delay, linkPath(t.Link), replicaRegion)
 	r.printf("- **pgfly**: in each region the sample app behind pgfly; in %s the write is refused by the replica, the "+
 		"shim answers fly-replay and the edge replays the whole request once in %s.\n", replicaRegion, primaryRegion)
 	r.printf("- **DB-level routing**: the sample app in %s with two handles, the local replica and the remote primary; "+
@@ -147,6 +149,15 @@ func (b *bench) compareSetups(ctx context.Context, t *twoRegions, client *http.C
 		fmt.Sprintf("%.2f× (%s ms vs %s ms, +%.0f µs)", rPgfly.p50/rLocal.p50, ms(rPgfly.p50), ms(rLocal.p50), rPgfly.p50-rLocal.p50))
 	r.printf("\n")
 	return nil
+}
+
+// linkPath says what else a connection across the link passes through.
+func linkPath(l *regions.Link) string {
+	if l.KernelCut() {
+		return "Before the relay each connection crosses a veth pair into a network namespace, where the link can be cut " +
+			"in the kernel (unused here): one more loopback hop."
+	}
+	return "Network namespaces are unavailable here, so nothing else is on the path."
 }
 
 func kindName(write bool) string {
@@ -217,8 +228,8 @@ func (b *bench) bookmarkCost(ctx context.Context, t *twoRegions, client *http.Cl
 	}
 	res := make([]sample, len(settings))
 	defer func() {
-		t.setDelay(b.cfg.delay)
-		t.walRelay.SetDelay(b.cfg.delay)
+		t.Link.SetDelay(b.cfg.delay)
+		t.WAL.SetDelay(b.cfg.delay)
 	}()
 	rng := rand.New(rand.NewPCG(3, 4))
 	n := len(settings) * 2 // each setting, with and without the bookmark
@@ -228,13 +239,13 @@ func (b *bench) bookmarkCost(ctx context.Context, t *twoRegions, client *http.Cl
 			st, s := settings[i], &res[i]
 			// Bytes already held back keep their release time (no overtaking): let them drain
 			// before a shorter delay applies.
-			held := max(t.walRelay.Delay(), t.relays[0].Delay())
-			t.setDelay(st.all)
-			t.walRelay.SetDelay(st.wal)
+			held := max(t.WAL.Delay(), t.Link.Delay())
+			t.Link.SetDelay(st.all)
+			t.WAL.SetDelay(st.wal)
 			if held > min(st.all, st.wal) {
 				time.Sleep(held)
 			}
-			_, cookie, err := send(ctx, client, t.pgflyEdge, true, nil, replicaRegion+">"+primaryRegion)
+			_, cookie, err := send(ctx, client, t.EdgeURL, true, nil, replicaRegion+">"+primaryRegion)
 			if err != nil {
 				return fmt.Errorf("write, delay %s: %w", st.name, err)
 			}
@@ -242,7 +253,7 @@ func (b *bench) bookmarkCost(ctx context.Context, t *twoRegions, client *http.Cl
 				return fmt.Errorf("write, delay %s: no %s cookie in the response", st.name, router.BookmarkCookie)
 			}
 			if !bookmarked {
-				took, _, err := send(ctx, client, t.pgflyEdge, false, nil, replicaRegion)
+				took, _, err := send(ctx, client, t.EdgeURL, false, nil, replicaRegion)
 				if err != nil {
 					return fmt.Errorf("read after write without its bookmark, delay %s: %w", st.name, err)
 				}
@@ -251,15 +262,15 @@ func (b *bench) bookmarkCost(ctx context.Context, t *twoRegions, client *http.Cl
 				}
 				continue
 			}
-			before, err := scrape(ctx, t.replicaAdmin+"/metrics")
+			before, err := scrape(ctx, t.Replica.AdminURL+"/metrics")
 			if err != nil {
 				return err
 			}
-			took, _, err := send(ctx, client, t.pgflyEdge, false, cookie, "")
+			took, _, err := send(ctx, client, t.EdgeURL, false, cookie, "")
 			if err != nil {
 				return fmt.Errorf("read after write, delay %s: %w", st.name, err)
 			}
-			after, err := scrape(ctx, t.replicaAdmin+"/metrics")
+			after, err := scrape(ctx, t.Replica.AdminURL+"/metrics")
 			if err != nil {
 				return err
 			}

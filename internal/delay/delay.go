@@ -6,6 +6,11 @@
 // limit, no loss, no jitter), it trusts both ends, and it must never face untrusted clients.
 // A FIN is delayed like data (a half-close reaches the other side after the delay); a reset
 // or any other read error closes both connections once the bytes read before it have gone.
+//
+// Cut stalls the relay as a dead path would, in userspace: nothing is refused and nothing
+// arrives until Restore. The sender's kernel still acknowledges what it sent, so a sender's
+// TCP_USER_TIMEOUT or unacknowledged-bytes watch cannot see the cut; a kernel black hole
+// (internal/netns) can.
 package delay
 
 import (
@@ -56,12 +61,13 @@ type Relay struct {
 	cfg   Config
 	delay atomic.Int64 // nanoseconds
 
-	mu     sync.Mutex
-	ln     net.Listener
-	conns  map[net.Conn]struct{}
-	closed bool
-	done   chan struct{} // closed by Close
-	wg     sync.WaitGroup
+	mu       sync.Mutex
+	ln       net.Listener
+	conns    map[net.Conn]struct{}
+	closed   bool
+	done     chan struct{} // closed by Close
+	restored chan struct{} // nil unless cut; closed by Restore
+	wg       sync.WaitGroup
 }
 
 // New checks cfg and returns a Relay that is not listening yet.
@@ -115,6 +121,44 @@ func (r *Relay) Delay() time.Duration { return time.Duration(r.delay.Load()) }
 // Bytes never overtake each other: a shorter delay waits for the bytes already held back.
 func (r *Relay) SetDelay(d time.Duration) {
 	r.delay.Store(int64(max(d, 0)))
+}
+
+// Cut stalls every connection, open or new, until Restore: bytes read are held back (the
+// delay's queue fills, then the relay stops reading), and a connection accepted while cut
+// dials the target only once restored. Nothing is refused or reset, as on a dead network
+// path that TCP keeps retrying; after Restore the held bytes go at once, in order.
+func (r *Relay) Cut() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.restored == nil {
+		r.restored = make(chan struct{})
+	}
+}
+
+// Restore undoes Cut; it does nothing on a relay that is not cut.
+func (r *Relay) Restore() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.restored != nil {
+		close(r.restored)
+		r.restored = nil
+	}
+}
+
+// passable waits while the relay is cut; false when Close ended the wait.
+func (r *Relay) passable() bool {
+	r.mu.Lock()
+	restored := r.restored
+	r.mu.Unlock()
+	if restored == nil {
+		return true
+	}
+	select {
+	case <-restored:
+		return true
+	case <-r.done:
+		return false
+	}
 }
 
 // Serve accepts connections until Close, then returns nil.
@@ -196,6 +240,9 @@ func (r *Relay) untrack(c net.Conn) {
 // relay connects client to the target and runs both directions until both have ended.
 func (r *Relay) relay(client net.Conn) {
 	defer client.Close()
+	if !r.passable() {
+		return
+	}
 	d := net.Dialer{Timeout: r.cfg.DialTimeout}
 	target, err := d.Dial("tcp", r.cfg.Target)
 	if err != nil {
@@ -260,6 +307,9 @@ func (r *Relay) direction(src, dst net.Conn) {
 				case <-r.done:
 					failed = true
 				}
+			}
+			if !failed && !r.passable() {
+				failed = true
 			}
 		}
 		switch {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -179,6 +180,70 @@ func TestRelayHoldsBytesBackByTheDelay(t *testing.T) {
 	}
 	if string(buf) != "pong" {
 		t.Errorf("got %q after SetDelay(0), want %q", buf, "pong")
+	}
+}
+
+// A cut relay carries nothing, on open connections and on new ones, without refusing or
+// resetting either; Restore delivers what was held, in order.
+func TestCutStallsUntilRestore(t *testing.T) {
+	target := serve(t, echo)
+	r := startRelay(t, target, 0)
+	open := dial(t, r)
+	roundTrip(t, open, "before")
+
+	r.Cut()
+	r.Cut() // idempotent
+	if _, err := open.Write([]byte("held")); err != nil {
+		t.Fatalf("write into the cut: %v", err)
+	}
+	fresh := dial(t, r) // the kernel accepts it; the relay does not dial the target yet
+	if _, err := fresh.Write([]byte("new!")); err != nil {
+		t.Fatalf("write on a connection opened during the cut: %v", err)
+	}
+	buf := make([]byte, 4)
+	for _, c := range []*net.TCPConn{open, fresh} {
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if n, err := c.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("read across the cut: got %d bytes, %v; want nothing until the deadline", n, err)
+		}
+		c.SetReadDeadline(time.Now().Add(wait))
+	}
+
+	r.Restore()
+	r.Restore() // idempotent
+	for _, tc := range []struct {
+		c    *net.TCPConn
+		want string
+	}{{open, "held"}, {fresh, "new!"}} {
+		if _, err := io.ReadFull(tc.c, buf); err != nil || string(buf) != tc.want {
+			t.Fatalf("after Restore: got %q, %v; want %q, the bytes held", buf, err, tc.want)
+		}
+	}
+	roundTrip(t, open, "after")
+}
+
+// Close ends a cut relay at once, held bytes and waiting dials included (startRelay's
+// Cleanup checks that it returns).
+func TestCloseWhileCut(t *testing.T) {
+	r := startRelay(t, serve(t, echo), 0)
+	open := dial(t, r)
+	roundTrip(t, open, "before")
+	r.Cut()
+	if _, err := open.Write([]byte("held")); err != nil {
+		t.Fatal(err)
+	}
+	dial(t, r).Write([]byte("new!"))
+}
+
+// roundTrip sends msg through an echo and checks it comes back.
+func roundTrip(tb testing.TB, c net.Conn, msg string) {
+	tb.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		tb.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		tb.Fatalf("round trip: got %q, %v; want %q", buf, err, msg)
 	}
 }
 

@@ -55,6 +55,10 @@ type Options struct {
 	// Observe, when set, is told what each region's pgfly decided and each hop of the edge, as
 	// it happens. It must be quick.
 	Observe func(Event)
+	// Link, when set, puts every cross-region connection on a Link (Setup.Link, and
+	// Setup.WAL for the WAL stream) that can be delayed and cut; nil connects the regions
+	// over plain loopback.
+	Link *LinkConfig
 }
 
 // Event is one thing that happened to a request: exactly one of Decision, Wait and Hop is set.
@@ -82,6 +86,10 @@ type Setup struct {
 	Edge    *edge.Edge
 	// EdgeURL is where clients send HTTP, as they would to Fly.
 	EdgeURL string
+	// Link carries the connections from the replica region to the primary region, nil
+	// without Options.Link; WAL carries the replica's WAL stream, nil unless
+	// Options.Link.WAL. Cut both to isolate the regions entirely.
+	Link, WAL *Link
 
 	ownCluster bool
 	edgeDone   chan error
@@ -134,17 +142,35 @@ func Start(ctx context.Context, opts Options) (_ *Setup, err error) {
 	if err := migrate(ctx, s.Cluster); err != nil {
 		return nil, err
 	}
+	if opts.Link != nil {
+		if s.Link, err = NewLink(opts.Link.Delay); err != nil {
+			return nil, err
+		}
+		if opts.Link.WAL {
+			if s.WAL, err = streamWALAcross(ctx, s.Cluster, opts.Link.Delay); err != nil {
+				return nil, err
+			}
+		}
+	}
 	if s.Primary, err = startRegion(ctx, opts, opts.PrimaryRegion, s.Cluster.Primary, "", nil); err != nil {
 		return nil, err
 	}
-	primaryHTTP, _ := url.Parse(s.Primary.ShimURL)
-	primaryPG := s.Cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database)
+	// What the replica region reaches in the primary region, across the link if there is one.
+	primaryShim, err := s.crossRegion(s.Primary.ShimURL)
+	if err != nil {
+		return nil, err
+	}
+	primaryHTTP, _ := url.Parse(primaryShim)
+	primaryPG, err := s.crossRegion(s.Cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if err != nil {
+		return nil, err
+	}
 	if s.Replica, err = startRegion(ctx, opts, opts.ReplicaRegion, s.Cluster.Replica, primaryPG, primaryHTTP); err != nil {
 		return nil, err
 	}
 	s.Edge, err = edge.New(edge.Config{
 		Listen:  opts.Listen,
-		Regions: map[string]string{opts.PrimaryRegion: s.Primary.ShimURL, opts.ReplicaRegion: s.Replica.ShimURL},
+		Regions: map[string]string{opts.PrimaryRegion: primaryShim, opts.ReplicaRegion: s.Replica.ShimURL},
 		Default: opts.ReplicaRegion,
 		OnHop:   func(h edge.Hop) { opts.observe(Event{Hop: &h}) },
 	}, opts.Log.Named("edge"))
@@ -261,6 +287,7 @@ func (s *Setup) Close() error {
 			errs = append(errs, r.close())
 		}
 	}
+	errs = append(errs, s.closeLinks())
 	if s.ownCluster && s.Cluster != nil {
 		errs = append(errs, s.Cluster.Close())
 	}
