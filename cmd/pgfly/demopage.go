@@ -156,6 +156,9 @@ func (t *requestTrail) view(r *trailRow) trailView {
 	}
 	var reasons []string
 	replayed := first.From != ""
+	if replayed {
+		reasons = append(reasons, fmt.Sprintf("%s asked for a replay (fly-replay state %s); the request's first hop has left the trail", first.From, first.State))
+	}
 	for _, h := range r.hops {
 		ran = append(ran, h.To)
 		if h.Replay != "" {
