@@ -1,15 +1,23 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"html"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
+	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/zap/zaptest"
 
 	"github.com/pgfly/pgfly/internal/edge"
 	"github.com/pgfly/pgfly/internal/regions"
@@ -253,4 +261,135 @@ func TestDemoPageSamplesUntilClosed(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Errorf("Serve after Close: got %v, want nil", err)
 	}
+}
+
+// TestDemoPageInBrowser runs the demo's setup, sends a write and a read through its edge, and
+// loads the live page in headless chromium, so that what is checked is what the page's
+// JavaScript drew, not the HTML the server sent.
+func TestDemoPageInBrowser(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatalf("chromium not found (%v): this test runs the demo page's JavaScript in Debian's headless chromium; "+
+			"install it with: DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	trail := newRequestTrail(regions.DefaultPrimaryRegion)
+	s, err := regions.Start(ctx, regions.Options{Observe: trail.add})
+	if err != nil {
+		t.Fatalf("start the demo's setup: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close the setup: %v", err)
+		}
+	})
+	page, err := startDemoPage("127.0.0.1:0", trail, s, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { page.Close() })
+
+	form := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Accept": {"text/html"}}
+	if got := send(t, "POST", s.EdgeURL+"/items", "name=browser-test", form); got.status != http.StatusSeeOther || got.header.Get(edge.TrailHeader) != "fra>iad" {
+		t.Fatalf("POST /items: got %d trail %q, want 303 after a replay fra>iad", got.status, got.header.Get(edge.TrailHeader))
+	}
+	if got := send(t, "GET", s.EdgeURL+"/", "", http.Header{"Accept": {"text/html"}}); got.status != http.StatusOK || got.header.Get(edge.TrailHeader) != "fra" {
+		t.Fatalf("GET /: got %d trail %q, want 200 served in fra", got.status, got.header.Get(edge.TrailHeader))
+	}
+	for deadline := time.Now().Add(15 * time.Second); len(page.state(time.Now()).Lag) < 3; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("got %d lag samples after 15s, want 3", len(page.state(time.Now()).Lag))
+		}
+	}
+
+	dom := dumpDOM(t, ctx, browser, page.URL())
+	rows := trailRows(dom)
+	if len(rows) == 0 {
+		t.Fatalf("got no trail rows in the page as chromium drew it:\n%s", dom)
+	}
+	tests := []struct {
+		name   string
+		attrs  map[string]string // the row's data- attributes
+		reason string            // a fragment of the row's text
+	}{
+		{name: "the write, replayed", attrs: map[string]string{"method": "POST", "path": "/items", "regions": "fra>iad", "replayed": "yes", "state": "done"},
+			reason: "the database in fra is a read-only replica and refused the write (SQLSTATE 25006), so pgfly there answered fly-replay: region=iad"},
+		{name: "the read, served in fra", attrs: map[string]string{"method": "GET", "path": "/", "regions": "fra", "replayed": "no", "state": "done"},
+			reason: "nothing in it wrote, so the replica in fra served it"},
+	}
+	for _, tt := range tests {
+		if !hasRow(rows, tt.attrs, tt.reason) {
+			t.Errorf("%s: got rows %q, want one with %v saying %q", tt.name, rows, tt.attrs, tt.reason)
+		}
+	}
+	if n := strings.Count(dom, `<circle class="lag-point"`); n < 3 {
+		t.Errorf("lag chart: got %d points, want at least 3 (one a second)", n)
+	}
+	if !regexp.MustCompile(`<path id="lag-line" d="M[0-9.]+ [0-9.]+ L`).MatchString(dom) {
+		t.Errorf("lag chart: got no line through the points in\n%s", dom)
+	}
+	if !strings.Contains(dom, "Now: the replica in fra is ") {
+		t.Errorf("got no line saying how far fra's replica is behind")
+	}
+}
+
+// dumpDOM loads u in headless chromium and returns the DOM once its scripts have had five
+// seconds of (virtual) time.
+func dumpDOM(t *testing.T, ctx context.Context, browser, u string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	// --no-sandbox: the tests run as root, where chromium's sandbox refuses to start.
+	cmd := exec.CommandContext(ctx, browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+		"--no-first-run", "--user-data-dir="+t.TempDir(), "--virtual-time-budget=5000", "--dump-dom", u)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its helpers too end with it
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if cmd.Process != nil {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // whatever of its group is left
+	}
+	if err != nil {
+		t.Fatalf("chromium --dump-dom %s: %v\nstderr:\n%s", u, err, &stderr)
+	}
+	return string(out)
+}
+
+// renderedRow is a request trail row of the rendered page: its data- attributes and its text.
+type renderedRow struct {
+	attrs map[string]string
+	text  string
+}
+
+func (r renderedRow) String() string { return fmt.Sprintf("%v %q", r.attrs, r.text) }
+
+// trailRows are the request trail's rows in a dumped DOM.
+func trailRows(dom string) []renderedRow {
+	var rows []renderedRow
+	tags := regexp.MustCompile(`<[^>]*>`)
+	for _, m := range regexp.MustCompile(`(?s)<tr class="req[^"]*"([^>]*)>(.*?)</tr>`).FindAllStringSubmatch(dom, -1) {
+		r := renderedRow{attrs: make(map[string]string), text: html.UnescapeString(tags.ReplaceAllString(m[2], " "))}
+		for _, a := range regexp.MustCompile(`data-([a-z]+)="([^"]*)"`).FindAllStringSubmatch(m[1], -1) {
+			r.attrs[a[1]] = html.UnescapeString(a[2])
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+// hasRow reports whether a row has all of attrs and says reason.
+func hasRow(rows []renderedRow, attrs map[string]string, reason string) bool {
+	for _, r := range rows {
+		ok := strings.Contains(r.text, reason)
+		for k, v := range attrs {
+			ok = ok && r.attrs[k] == v
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
 }
