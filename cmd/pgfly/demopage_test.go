@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/pgfly/pgfly/internal/edge"
+	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/regions"
 	"github.com/pgfly/pgfly/lag"
 	"github.com/pgfly/pgfly/router"
@@ -297,9 +300,23 @@ func TestDemoPageInBrowser(t *testing.T) {
 	if got := send(t, "GET", s.EdgeURL+"/", "", http.Header{"Accept": {"text/html"}}); got.status != http.StatusOK || got.header.Get(edge.TrailHeader) != "fra" {
 		t.Fatalf("GET /: got %d trail %q, want 200 served in fra", got.status, got.header.Get(edge.TrailHeader))
 	}
-	for deadline := time.Now().Add(15 * time.Second); len(page.state(time.Now()).Lag) < 3; time.Sleep(100 * time.Millisecond) {
+	// Some lag to draw: fra's replica stops replaying, and another write commits in iad.
+	replica, err := sql.Open("pgx", s.Cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer replica.Close()
+	if _, err := replica.ExecContext(ctx, "SELECT pg_wal_replay_pause()"); err != nil {
+		t.Fatalf("pause the replica's replay: %v", err)
+	}
+	send(t, "POST", s.EdgeURL+"/items", "name=browser-test-2", form)
+	lagging := func() bool {
+		lag := page.state(time.Now()).Lag
+		return len(lag) >= 3 && lag[len(lag)-1].Seconds != nil && *lag[len(lag)-1].Seconds >= 0.5
+	}
+	for deadline := time.Now().Add(20 * time.Second); !lagging(); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("got %d lag samples after 15s, want 3", len(page.state(time.Now()).Lag))
+			t.Fatalf("lag samples after 20s: got %+v, want at least 3, the last 0.5s or more", page.state(time.Now()).Lag)
 		}
 	}
 
@@ -328,6 +345,14 @@ func TestDemoPageInBrowser(t *testing.T) {
 	}
 	if !regexp.MustCompile(`<path id="lag-line" d="M[0-9.]+ [0-9.]+ L`).MatchString(dom) {
 		t.Errorf("lag chart: got no line through the points in\n%s", dom)
+	}
+	lifted := false // a point above the chart's baseline (y 125): the lag the pause made
+	for _, m := range regexp.MustCompile(`<circle class="lag-point" cx="[0-9.]+" cy="([0-9.]+)"`).FindAllStringSubmatch(dom, -1) {
+		y, _ := strconv.ParseFloat(m[1], 64)
+		lifted = lifted || y < 120
+	}
+	if !lifted {
+		t.Errorf("lag chart: got every point on the baseline, want the paused replica's lag drawn above it")
 	}
 	if !strings.Contains(dom, "Now: the replica in fra is ") {
 		t.Errorf("got no line saying how far fra's replica is behind")
