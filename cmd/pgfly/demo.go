@@ -112,7 +112,9 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	}
 	fmt.Fprintln(stdout, "pgfly demo: starting a PostgreSQL primary and streaming replica, and in each of two regions the demo app and pgfly ...")
 	startCtx, cancel := context.WithTimeout(sctx, demoStartTimeout)
-	s, err := regions.Start(startCtx, regions.Options{Listen: c.cfg.listen, Log: c.log, Observe: trace.add})
+	trail := newRequestTrail(regions.DefaultPrimaryRegion)
+	observe := func(ev regions.Event) { trace.add(ev); trail.add(ev) }
+	s, err := regions.Start(startCtx, regions.Options{Listen: c.cfg.listen, Log: c.log, Observe: observe})
 	cancel()
 	switch {
 	case err != nil && sctx.Err() != nil:
@@ -143,11 +145,15 @@ func (c *demoCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 		}
 		return serr
 	}
-	printDemo(stdout, s)
+	page, err := startDemoPage(c.cfg.listen, trail, s, c.log)
+	if err != nil {
+		return errors.Join(err, closeAll())
+	}
+	printDemo(stdout, s, page.URL())
 	<-sctx.Done()
 	fmt.Fprintln(stdout, "\npgfly demo: stopping ...")
 	trace.stopLive()
-	return closeAll()
+	return errors.Join(page.Close(), closeAll())
 }
 
 // printDemoChecks prints what `pgfly check` says of each region's pgfly.
@@ -180,12 +186,13 @@ func checkListen(addr string) error {
 }
 
 // printDemo tells what runs where and what to try.
-func printDemo(w io.Writer, s *regions.Setup) {
+func printDemo(w io.Writer, s *regions.Setup, pageURL string) {
 	health := func(r *regions.Region) string { return r.AdminURL + "/health" }
 	fmt.Fprintf(w, `
-pgfly demo is running. Open %[1]s/ in a browser.
+pgfly demo is running. Open %[1]s/ in a browser, and beside it the live page %[13]s
 
   edge      %[1]s   a stand-in for Fly's edge; sends requests to %[2]s first
+  page      %[13]s   live: the last requests (where each ran, replayed or not, why) and %[2]s's lag
   %-9[2]s replica region   app %[3]s   pgfly %[4]s   health %[5]s
   %-9[6]s primary region   app %[7]s   pgfly %[8]s   health %[9]s
   postgres  primary %[10]s, replica %[11]s (user postgres, database pgfly)
@@ -207,7 +214,7 @@ Try:
 Ctrl-C stops everything. What happens, as it happens:
 `, s.EdgeURL, s.Replica.Name, s.Replica.AppURL, s.Replica.ShimURL, health(s.Replica),
 		s.Primary.Name, s.Primary.AppURL, s.Primary.ShimURL, health(s.Primary),
-		s.Cluster.Primary.Addr(), s.Cluster.Replica.Addr(), s.Cluster.Dir)
+		s.Cluster.Primary.Addr(), s.Cluster.Replica.Addr(), s.Cluster.Dir, pageURL)
 }
 
 // scenarioStep is one request of the scripted tour.
@@ -483,7 +490,11 @@ func duration(d time.Duration) string {
 }
 
 // replayReason explains why pgfly replayed a request; "" for an event that is not a replay.
-func (t *trace) replayReason(ev regions.Event) string {
+func (t *trace) replayReason(ev regions.Event) string { return replayReason(t.primary, ev) }
+
+// replayReason explains, in plain words, why pgfly replayed a request in region primary; ""
+// for an event that is not a replay. The transcript and the live page say it the same way.
+func replayReason(primary string, ev regions.Event) string {
 	d := ev.Decision
 	if d == nil || d.Outcome != router.OutcomeReplayed {
 		return ""
@@ -491,15 +502,15 @@ func (t *trace) replayReason(ev regions.Event) string {
 	switch d.Reason {
 	case router.ReasonReadOnly:
 		return fmt.Sprintf("the database in %s is a read-only replica and refused the write (SQLSTATE %s), so pgfly there answered fly-replay: region=%s",
-			ev.Region, d.Code, t.primary)
+			ev.Region, d.Code, primary)
 	case router.ReasonLag:
 		return fmt.Sprintf("the replica in %s had not replayed the request's bookmark in time, so pgfly there answered fly-replay: region=%s",
-			ev.Region, t.primary)
+			ev.Region, primary)
 	case router.ReasonRoute:
 		return fmt.Sprintf("%s is a %s write route, so pgfly in %s answered fly-replay: region=%s before the app ran it",
-			d.RouteKey, d.Route, ev.Region, t.primary)
+			d.RouteKey, d.Route, ev.Region, primary)
 	case router.ReasonReplicaDown:
-		return fmt.Sprintf("the database in %s could not be reached, so pgfly there answered fly-replay: region=%s", ev.Region, t.primary)
+		return fmt.Sprintf("the database in %s could not be reached, so pgfly there answered fly-replay: region=%s", ev.Region, primary)
 	}
 	return "pgfly asked for a replay (" + string(d.Reason) + ")"
 }

@@ -117,6 +117,13 @@ func TestDemoStopsOnSignal(t *testing.T) {
 			if got := send(t, "GET", "http://"+addr+"/", "", nil); got.status != 200 || !strings.Contains(got.body, "Guestbook") {
 				t.Fatalf("GET / on the edge: got %d %q, want the guestbook page", got.status, got.body)
 			}
+			page := regexp.MustCompile(`live page (http://\S+/)`).FindStringSubmatch(p.stdout.String())
+			if page == nil {
+				t.Fatalf("got no live page's address in the demo's output:\n%s", p.stdout.String())
+			}
+			if got := send(t, "GET", page[1]+"state.json", "", nil); got.status != 200 || !strings.Contains(got.body, `"replica":"fra"`) {
+				t.Errorf("GET %sstate.json: got %d %q, want the page's state", page[1], got.status, got.body)
+			}
 			m := regexp.MustCompile(`data in (/\S+),`).FindStringSubmatch(p.stdout.String())
 			if m == nil {
 				t.Fatalf("got no data directory in the demo's output")
