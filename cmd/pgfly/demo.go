@@ -392,9 +392,10 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-// trace keeps what happened to each request (the edge's hops, pgfly's decisions and bookmark
-// waits), from the setup's events rather than its logs, and, in the interactive demo, prints
-// it as it happens.
+// trace tells what happened to each request (the edge's hops, pgfly's decisions and bookmark
+// waits), from the setup's events rather than its logs: in the interactive demo it prints them
+// as they happen and keeps none (it runs for as long as the user likes); in the scenario it
+// keeps them for the transcript, which is a few requests long.
 type trace struct {
 	primary string // the primary region, where pgfly replays to
 	mu      sync.Mutex
@@ -405,11 +406,12 @@ type trace struct {
 func (t *trace) add(ev regions.Event) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.events = append(t.events, ev)
-	if t.live != nil {
-		for _, line := range t.lines(ev) {
-			fmt.Fprintf(t.live, "  %s  %s\n", ev.Time.Format("15:04:05.000"), line)
-		}
+	if t.live == nil {
+		t.events = append(t.events, ev)
+		return
+	}
+	for _, line := range t.lines(ev) {
+		fmt.Fprintf(t.live, "  %s  %s\n", ev.Time.Format("15:04:05.000"), line)
 	}
 }
 
