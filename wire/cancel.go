@@ -76,7 +76,7 @@ func (s *Server) forwardCancel(raw []byte, from string) {
 // cancelIfBusy cancels the query the upstream may still be running for a client that is
 // gone, so that no backend goes on working for nobody.
 func (ss *session) cancelIfBusy() {
-	if !ss.busy() {
+	if !ss.proto.busy() {
 		return
 	}
 	key := ss.srv.keys.of(ss)

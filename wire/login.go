@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // loginTimer bounds the upstream's silence while a session logs in (Config.ConnectTimeout).
@@ -80,4 +82,28 @@ func (l *loginTimer) expired() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return !l.deadline.IsZero() && !time.Now().Before(l.deadline)
+}
+
+// stripChannelBinding removes SCRAM-SHA-256-PLUS from an AuthenticationSASL body: the
+// client's channel is not the upstream's, so a channel-bound proof could never verify.
+// It returns nil when there is nothing to change.
+func stripChannelBinding(body []byte) ([]byte, error) {
+	if len(body) < 4 || binary.BigEndian.Uint32(body) != 10 { // 10: AuthenticationSASL
+		return nil, nil
+	}
+	var sasl pgproto3.AuthenticationSASL
+	if err := sasl.Decode(body); err != nil {
+		return nil, &protocolError{"invalid AuthenticationSASL: " + err.Error()}
+	}
+	kept := sasl.AuthMechanisms[:0]
+	for _, m := range sasl.AuthMechanisms {
+		if m != "SCRAM-SHA-256-PLUS" {
+			kept = append(kept, m)
+		}
+	}
+	if len(kept) == len(sasl.AuthMechanisms) {
+		return nil, nil
+	}
+	sasl.AuthMechanisms = kept
+	return sasl.Encode(nil)
 }

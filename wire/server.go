@@ -316,9 +316,9 @@ func (s *Server) Fenced() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for ss := range s.sessions {
-		if ss.busy() {
+		if ss.proto.busy() {
 			ss.fenceAtIdle.Store(true)
-			if ss.busy() {
+			if ss.proto.busy() {
 				continue
 			}
 		}

@@ -1,10 +1,8 @@
 package wire
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -15,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 )
 
@@ -35,35 +32,20 @@ type session struct {
 	upstream net.Conn
 	startup  []byte // the client's StartupMessage, forwarded raw
 
+	// proto follows the conversation and says what its messages mean; the copy goroutines
+	// feed it from inspectClient and inspectServer.
+	proto protocol
+
 	// Shared between the two copy goroutines.
-	pending     atomic.Int32 // ReadyForQuery messages the client is owed
-	unsynced    atomic.Bool  // an Execute was sent and no Sync after it
-	txStatus    atomic.Uint32
 	terminated  atomic.Bool // the client sent Terminate
 	fenceAtIdle atomic.Bool // Fenced came while it was busy: it ends at its next ReadyForQuery
 	stopping    atomic.Bool // stop was called: nothing more of the client's is forwarded
 	clientSpoke atomic.Bool // the client sent a message after stop, which was not forwarded
-	// standby is the upstream backend's in_hot_standby as its ParameterStatus last said
-	// (PostgreSQL 14 and later report it at login and when a promotion ends recovery).
-	standby atomic.Value // string: "on", "off", or unset
 
-	// Owned by the server-to-client goroutine.
-	wrote       bool // the current transaction wrote
-	committed   bool // a write of this session committed
-	undone      bool // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
-	copyIn      bool // a COPY FROM STDIN is running
-	serverFatal bool // the server sent a FATAL or PANIC error
 	// deferred is a FATAL 57P the server sent while the session was idle, held back from
-	// the client until relay reports it (see report).
+	// the client until relay reports it (see report). Owned by the upstream-to-client
+	// goroutine.
 	deferred *UpstreamFailure
-
-	units units           // sent and not yet answered; shared, with its own mutex
-	stmts statementTraces // owned by the client-to-server goroutine
-	// syncsInCopy counts the Syncs sent since the last Execute or Query; owned by the
-	// client-to-server goroutine. During an extended-protocol COPY FROM STDIN the server
-	// ignores them, so at CopyDone or CopyFail they are owed no ReadyForQuery.
-	syncsInCopy int
-	copyInSeen  atomic.Bool // the server sent CopyInResponse
 
 	login loginTimer // bounds the upstream's silence until the first ReadyForQuery
 
@@ -117,7 +99,7 @@ func (s *Server) handle(c net.Conn, full bool) {
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
 			zap.String("upstream", s.upstream.name), zap.Error(err))
 		msg := fmt.Sprintf("pgfly could not connect to upstream %s: %v", s.upstream.name, err)
-		ss.emit(UpstreamFailure{Cause: FailConnect, Code: codeConnectionFailure, Message: msg})
+		ss.emit(UpstreamFailure{Cause: FailConnect, Code: codeConnectionFailure, Message: msg}, false)
 		ss.client.Write(errorMessage("FATAL", codeConnectionFailure, msg))
 		return
 	}
@@ -233,8 +215,7 @@ func (ss *session) rejectStartup(err error) {
 // relay runs the two copy goroutines until one ends, stops the other, and then decides what
 // the client is told and whether the upstream's running query must be cancelled.
 func (ss *session) relay() SessionEnd {
-	ss.pending.Store(1) // the ReadyForQuery that ends startup
-	ss.units.query(traceID{}, false)
+	ss.proto.startup()
 	if _, err := ss.upstream.Write(ss.startup); err != nil {
 		ss.client.Write(errorMessage("FATAL", codeConnectionFailure,
 			fmt.Sprintf("pgfly lost upstream %s: %v", ss.srv.upstream.name, err)))
@@ -307,7 +288,7 @@ func (ss *session) relay() SessionEnd {
 			zap.String("upstream", ss.srv.upstream.name), zap.Duration("timeout", ss.login.timeout))
 		ss.failed(FailLoginTimeout, codeConnectionFailure, fmt.Sprintf("pgfly: upstream %s did not answer within %v while the session logged in (timeout)",
 			ss.srv.upstream.name, ss.login.timeout), tell)
-	case errors.Is(first.err, io.EOF) && ss.serverFatal:
+	case errors.Is(first.err, io.EOF) && ss.proto.fatal:
 		end.Reason = "upstream closed the session"
 		if ss.deferred != nil { // a FATAL 57P that the idle client has not been shown
 			ss.report(*ss.deferred, tell)
@@ -320,7 +301,7 @@ func (ss *session) relay() SessionEnd {
 		switch {
 		case ss.deferred != nil: // a held FATAL 57P, then a reset rather than a clean close
 			ss.report(*ss.deferred, tell)
-		case !ss.serverFatal:
+		case !ss.proto.fatal:
 			ss.failed(FailLost, codeConnectionFailure, fmt.Sprintf("pgfly lost the connection to upstream %s", ss.srv.upstream.name), tell)
 		}
 	}
@@ -345,7 +326,7 @@ const deadSessionHold = time.Minute
 // deadSessionHold, or until pgfly shuts down), and the failure is reported then, when that
 // request is in flight, and only then told. A client that sends Terminate is let go quietly.
 func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
-	if !ss.busy() && !ss.clientSpoke.Load() {
+	if !ss.proto.busy() && !ss.clientSpoke.Load() {
 		switch ss.awaitClient() {
 		case heldLeft:
 			return
@@ -354,7 +335,7 @@ func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
 			return
 		}
 	}
-	ss.emit(f)
+	ss.emit(f, ss.proto.mayHaveWritten())
 	tell(f.Code, f.Message)
 }
 
@@ -396,25 +377,18 @@ func (ss *session) awaitClient() int {
 	return heldSilent
 }
 
-// emit hands f, stamped now, to the observer.
-func (ss *session) emit(f UpstreamFailure) {
+// emit hands f, stamped now with what the protocol says of the session, to the observer.
+// wrote is the protocol's mayHaveWritten, taken by the caller: for a shutdown's FATAL, as it
+// stood before the error rolled an implicit transaction back.
+func (ss *session) emit(f UpstreamFailure, wrote bool) {
 	// A login still under way has run no statement: not busy in that sense.
-	f.Time, f.Wrote, f.Busy = time.Now(), ss.committed || ss.wrote, ss.busy() && ss.login.over.Load()
-	// The backend's in_hot_standby changes only at its next ReadyForQuery: a session idle
-	// since it said "on" may run its next statement, in a new transaction, on a server
-	// promoted meanwhile. Only a transaction block it was already in when it said so stays
-	// read-only through a promotion; otherwise the observer must judge by other means.
-	if status := TxStatus(ss.txStatus.Load()); status == TxInBlock || status == TxFailed {
-		f.InHotStandby, _ = ss.standby.Load().(string)
-	}
-	if u := ss.units.current(); f.Busy && u.hasTrace {
+	f.Time, f.Wrote, f.Busy = time.Now(), wrote, ss.proto.busy() && ss.login.over.Load()
+	f.InHotStandby = ss.proto.standbyInBlock()
+	if u := ss.proto.units.current(); f.Busy && u.hasTrace {
 		f.TraceID = string(u.trace[:])
 	}
 	ss.srv.obs.UpstreamFailed(f)
 }
-
-// busy reports whether the client waits for an answer: a request is using the session.
-func (ss *session) busy() bool { return ss.pending.Load() > 0 || ss.unsynced.Load() }
 
 // pumpResult is how a copy goroutine ended.
 type pumpResult struct {
@@ -461,291 +435,69 @@ func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, erro
 		}
 		return nil, errStopping
 	}
-	body := msg[headerLen:]
 	switch typ {
-	case 'Q':
-		ss.pending.Add(1)
-		ss.syncsInCopy = 0
-		ss.units.query(findTraceID(statementText(msg, whole)))
-	case 'F':
-		ss.pending.Add(1)
-		ss.units.query(traceID{}, false)
-	case 'P':
-		ss.units.extended()
-		if name, rest, ok := cbytes(body); ok {
-			var sql []byte
-			if whole {
-				sql, _, _ = cbytes(rest)
-			}
-			id, found := findTraceID(sql)
-			ss.stmts.parsed(name, id, found)
-		} else {
-			ss.stmts.forget() // which statement it replaces is unknown
-		}
-	case 'B':
-		var id traceID
-		found := false
-		if _, rest, ok := cbytes(body); ok { // the portal's name, then the statement's
-			if name, _, ok := cbytes(rest); ok {
-				id, found = ss.stmts.lookup(name)
-			}
-		}
-		ss.units.bind(id, found)
-	case 'C':
-		ss.units.extended()
-		if len(body) > 0 && body[0] == 'S' {
-			if name, _, ok := cbytes(body[1:]); ok {
-				ss.stmts.closed(name)
-			}
-		}
-	case 'E':
-		ss.units.extended()
-		ss.unsynced.Store(true)
-		ss.syncsInCopy = 0
-	case 'S':
-		ss.pending.Add(1)
-		ss.unsynced.Store(false)
-		ss.units.sync()
-		ss.syncsInCopy++
-	case 'c', 'f':
-		if ss.copyInSeen.Swap(false) && ss.syncsInCopy > 0 {
-			ss.units.ignored(ss.syncsInCopy)
-			ss.pending.Add(-int32(ss.syncsInCopy))
-		}
-		ss.syncsInCopy = 0
 	case 'X':
 		ss.terminated.Store(true)
 	case 'p': // an answer to an authentication request: the server's turn again
 		ss.login.arm()
+	default:
+		ss.proto.client(typ, msg[headerLen:], whole)
 	}
 	return nil, nil
 }
 
-// inspectServer acts on the server's messages before they are forwarded.
+// inspectServer acts on the server's messages before they are forwarded: it follows the login
+// and records the cancel key itself, and acts on what the protocol says the others mean.
 func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 	body := msg[headerLen:]
 	switch typ {
-	case 'Z':
-		if len(body) != 1 {
-			return nil, &protocolError{"invalid ReadyForQuery"}
-		}
-		if ss.pending.Add(-1) <= 0 && ss.fenceAtIdle.Load() && !ss.unsynced.Load() {
-			ss.stop(errFenced) // Fenced came while a statement ran; its answer still goes out
-		}
-		ss.units.answered()
-		ss.login.end(false)
-		status := TxStatus(body[0])
-		ss.txStatus.Store(uint32(status))
-		switch status {
-		case TxIdle:
-			ss.undone = false
-			if ss.wrote {
-				ss.wrote, ss.committed = false, true
-				ss.srv.obs.WriteCommitted(WriteCommitted{SessionID: ss.info.ID, Time: time.Now()})
-			}
-		default:
-			// Still in a block: a ROLLBACK since the last ReadyForQuery was ROLLBACK TO
-			// SAVEPOINT (the tags are the same), and the writes before the savepoint stand.
-			if ss.undone {
-				ss.wrote, ss.undone = true, false
-			}
-		}
-	case 'C':
-		ss.noteCommand(body)
-	case 'G':
-		ss.copyIn = true
-		ss.copyInSeen.Store(true)
-	case 'H':
-		ss.copyIn = false
-	case 'E':
-		if ss.noteError(body) {
-			return suppressed, nil
-		}
 	case 'K':
 		if len(body) < 8 {
 			return nil, &protocolError{"invalid BackendKeyData"}
 		}
 		ss.srv.keys.set(ss, string(body))
+		return nil, nil
 	case 'R':
 		ss.login.authRequest(body)
 		return stripChannelBinding(body)
-	case 'S':
-		if name, rest, ok := cbytes(body); ok && string(name) == "in_hot_standby" {
-			if value, _, ok := cbytes(rest); ok {
-				ss.standby.Store(string(value))
-			}
+	}
+	r, err := ss.proto.server(typ, body)
+	if err != nil {
+		return nil, err
+	}
+	if typ == 'Z' {
+		if r.idle && ss.fenceAtIdle.Load() {
+			ss.stop(errFenced) // Fenced came while a statement ran; its answer still goes out
 		}
+		ss.login.end(false)
+	}
+	if r.committed {
+		ss.srv.obs.WriteCommitted(WriteCommitted{SessionID: ss.info.ID, Time: time.Now()})
+	}
+	if r.shutdown {
+		f := UpstreamFailure{SessionID: ss.info.ID, Cause: FailShutdown, Code: string(r.err.code), Message: string(r.err.message)}
+		if r.hold { // relay reports it when the client next speaks (see report)
+			ss.deferred = &f
+			return suppressed, nil
+		}
+		ss.emit(f, r.wrote)
+	}
+	if r.refusal {
+		v := ReadOnlyViolation{
+			SessionID: ss.info.ID,
+			Time:      time.Now(),
+			SentAt:    r.unit.sent,
+			Code:      string(r.err.code),
+			Message:   string(r.err.message),
+			TxStatus:  r.status,
+		}
+		if r.unit.hasTrace {
+			v.TraceID = string(r.unit.trace[:])
+		}
+		ss.srv.obs.ReadOnly(v)
 	}
 	return nil, nil
 }
 
-// noteCommand tracks whether the current transaction wrote, from a CommandComplete tag.
-func (ss *session) noteCommand(body []byte) {
-	tag := body
-	if i := bytes.IndexByte(tag, 0); i >= 0 {
-		tag = tag[:i]
-	}
-	verb := tag
-	if i := bytes.IndexByte(tag, ' '); i >= 0 {
-		verb = tag[:i]
-	}
-	switch string(verb) { // the compiler does not allocate for this conversion
-	case "INSERT", "UPDATE", "DELETE", "MERGE":
-		if !bytes.HasSuffix(tag, []byte(" 0")) {
-			ss.wrote = true
-		}
-	case "COPY":
-		if ss.copyIn {
-			ss.wrote = true
-			ss.copyIn = false
-		}
-	case "CREATE", "ALTER", "DROP", "TRUNCATE", "GRANT", "REVOKE", "COMMENT", "REFRESH",
-		"CLUSTER", "REINDEX", "VACUUM", "CALL", "SECURITY", "IMPORT":
-		ss.wrote = true
-	case "ROLLBACK":
-		// ROLLBACK and ROLLBACK TO SAVEPOINT share this tag; the next ReadyForQuery or COMMIT
-		// tells them apart. A transaction whose only writes were rolled back to a savepoint
-		// is still reported: a needless event is cheaper than a missed one.
-		ss.undone = ss.undone || ss.wrote
-		ss.wrote = false
-	case "COMMIT":
-		if ss.undone { // a COMMIT in the same query as a ROLLBACK TO SAVEPOINT
-			ss.wrote, ss.undone = true, false
-		}
-	}
-}
-
-// isShutdown tells whether a FATAL's code says the server is going away or not yet there:
-// 57P01 admin_shutdown (a fast shutdown, or pg_terminate_backend), 57P02 crash_shutdown,
-// 57P03 cannot_connect_now (starting up, shutting down). Not 57P05, an idle session's own
-// timeout, nor 57P04, a dropped database.
-func isShutdown(code []byte) bool {
-	switch string(code) {
-	case "57P01", "57P02", "57P03":
-		return true
-	}
-	return false
-}
-
 // suppressed is an inspect replacement that forwards nothing.
 var suppressed = []byte{}
-
-// noteError reports read-only violations and remembers fatal errors. It returns true to hold
-// the error back: a shutdown's FATAL (see isShutdown) sent to an idle
-// session, which relay reports when the client next speaks (see report).
-func (ss *session) noteError(body []byte) (hold bool) {
-	f := parseError(body)
-	if string(f.severity) == "FATAL" || string(f.severity) == "PANIC" {
-		ss.serverFatal = true
-		if isShutdown(f.code) {
-			failure := UpstreamFailure{SessionID: ss.info.ID, Cause: FailShutdown, Code: string(f.code), Message: string(f.message)}
-			if !ss.busy() {
-				ss.deferred = &failure
-				return true
-			}
-			ss.emit(failure)
-		}
-	}
-	status := TxStatus(ss.txStatus.Load())
-	if status != TxInBlock && status != TxFailed { // a failed block lives on until ROLLBACK
-		ss.wrote, ss.undone = false, false // an implicit transaction rolled back
-	}
-	if !isStandbyRefusal(f.code) {
-		return false
-	}
-	u := ss.units.current()
-	v := ReadOnlyViolation{
-		SessionID: ss.info.ID,
-		Time:      time.Now(),
-		SentAt:    u.sent,
-		Code:      string(f.code),
-		Message:   string(f.message),
-		TxStatus:  status,
-	}
-	if u.hasTrace {
-		v.TraceID = string(u.trace[:])
-	}
-	ss.srv.obs.ReadOnly(v)
-	return false
-}
-
-// errorFields are the fields of an ErrorResponse the relay acts on. They alias the message.
-type errorFields struct {
-	severity, code, message []byte
-}
-
-// parseError reads an ErrorResponse body without allocating. Missing, unknown or
-// unterminated fields are tolerated: whatever could be read is returned.
-func parseError(body []byte) errorFields {
-	var f errorFields
-	for len(body) > 1 && body[0] != 0 {
-		k := body[0]
-		i := bytes.IndexByte(body[1:], 0)
-		if i < 0 {
-			break
-		}
-		v := body[1 : 1+i]
-		body = body[2+i:]
-		switch k {
-		case 'V':
-			f.severity = v
-		case 'S':
-			if f.severity == nil {
-				f.severity = v
-			}
-		case 'C':
-			f.code = v
-		case 'M':
-			f.message = v
-		}
-	}
-	return f
-}
-
-// isStandbyRefusal tells whether an error is one a hot standby raises for what only a
-// primary can do: 25006 (read_only_sql_transaction: writes, nextval, NOTIFY, LISTEN, LOCK,
-// temporary tables, COPY FROM, "... during recovery"), 0A000 (feature_not_supported: a
-// read-write or serializable transaction) and 55000 (object_not_in_prerequisite_state:
-// "recovery is in progress", e.g. pg_current_wal_lsn()). The message text is not looked at,
-// since servers speak other languages; a 0A000 or 55000 that has nothing to do with recovery is
-// reported too, and the observer, which knows whether the upstream is in recovery, decides.
-func isStandbyRefusal(code []byte) bool {
-	switch string(code) {
-	case codeReadOnlyTransaction, codeFeatureUnsupported, codeNotInPrerequisiteState:
-		return true
-	}
-	return false
-}
-
-// stripChannelBinding removes SCRAM-SHA-256-PLUS from an AuthenticationSASL body: the
-// client's channel is not the upstream's, so a channel-bound proof could never verify.
-// It returns nil when there is nothing to change.
-func stripChannelBinding(body []byte) ([]byte, error) {
-	if len(body) < 4 || binary.BigEndian.Uint32(body) != 10 { // 10: AuthenticationSASL
-		return nil, nil
-	}
-	var sasl pgproto3.AuthenticationSASL
-	if err := sasl.Decode(body); err != nil {
-		return nil, &protocolError{"invalid AuthenticationSASL: " + err.Error()}
-	}
-	kept := sasl.AuthMechanisms[:0]
-	for _, m := range sasl.AuthMechanisms {
-		if m != "SCRAM-SHA-256-PLUS" {
-			kept = append(kept, m)
-		}
-	}
-	if len(kept) == len(sasl.AuthMechanisms) {
-		return nil, nil
-	}
-	sasl.AuthMechanisms = kept
-	return sasl.Encode(nil)
-}
-
-// statementText is the part of a Query or Parse message that is searched for a trace id: the
-// whole body, or nothing for a message too large to buffer (its comment is out of reach).
-func statementText(msg []byte, whole bool) []byte {
-	if !whole {
-		return nil
-	}
-	return msg[headerLen:]
-}

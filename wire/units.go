@@ -26,8 +26,8 @@ type unit struct {
 // than the failing statement's only keeps more requests as candidates).
 const maxUnits = 16
 
-// units is the queue of a session's unanswered units. The client-to-server goroutine adds to
-// it and the server-to-client goroutine reads and removes, so it has its own mutex, held for
+// units is the queue of a session's unanswered units. The client-to-upstream goroutine adds to
+// it and the upstream-to-client goroutine reads and removes, so it has its own mutex, held for
 // a few instructions per unit.
 type units struct {
 	mu     sync.Mutex
@@ -176,7 +176,7 @@ const maxStatementTraces = 1024
 
 // statementTraces maps prepared statement names to the trace ids their Parse carried. The
 // trace comment is parsed once, at Parse; a Bind takes the id of the statement it names.
-// Owned by the client-to-server goroutine.
+// Owned by the client-to-upstream goroutine.
 type statementTraces map[string]*traceID
 
 // parsed records the trace id of statement name, or forgets it when the statement has none,
