@@ -42,8 +42,8 @@ type relay struct {
 	events *recorder
 }
 
-// startRelay starts a relay on 127.0.0.1:0 in front of upstream (a Postgres URL) and closes
-// it when the test ends. cfg's Listen and Upstream are filled in. It logs to the test's output.
+// startRelay starts a relay on 127.0.0.1:0 (or cfg's Listen) in front of upstream (a Postgres
+// URL) and closes it when the test ends. cfg's Upstream is filled in. It logs to the test's output.
 func startRelay(tb testing.TB, upstream string, cfg wire.Config) *relay {
 	tb.Helper()
 	return startRelayWithLog(tb, upstream, cfg, testLogger(tb))
@@ -52,7 +52,9 @@ func startRelay(tb testing.TB, upstream string, cfg wire.Config) *relay {
 // startRelayWithLog is startRelay with the caller's logger, for tests that read the logs.
 func startRelayWithLog(tb testing.TB, upstream string, cfg wire.Config, log *zap.Logger) *relay {
 	tb.Helper()
-	cfg.Listen = "127.0.0.1:0"
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
 	cfg.Upstream = upstream
 	rec := &recorder{}
 	srv, err := wire.NewServer(cfg, rec, log)

@@ -6,8 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -28,6 +32,8 @@ const (
 	// max_client_conn. Each session is one upstream backend too, so the upstream's
 	// max_connections is usually the tighter bound.
 	DefaultMaxClientConn = 1000
+	// DefaultUnixPort is the port in a Unix socket's name, as Postgres's default.
+	DefaultUnixPort = 5432
 )
 
 // MinMaxMessageSize is the smallest Config.MaxMessageSize NewServer accepts.
@@ -35,8 +41,13 @@ const MinMaxMessageSize = 1024
 
 // Config tells a Server where to listen and where to relay.
 type Config struct {
-	// Listen is the address clients connect to, e.g. "127.0.0.1:5432".
+	// Listen is the address clients connect to: host:port, e.g. "127.0.0.1:5432", or an
+	// absolute directory, e.g. "/tmp/pgfly", for a Unix socket there named as Postgres names
+	// its own, .s.PGSQL.<UnixPort>, since libpq, pgx, node-postgres and psycopg take the
+	// directory as the host and dial that file.
 	Listen string
+	// UnixPort is the port in the Unix socket's name; DefaultUnixPort when zero.
+	UnixPort int
 	// Upstream is the Postgres URL (or keyword/value string) sessions are relayed to. Only
 	// its hosts, ports and TLS settings (sslmode, sslrootcert, ...) are used.
 	Upstream string
@@ -133,6 +144,17 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.StartupTimeout == 0 {
 		cfg.StartupTimeout = DefaultStartupTimeout
 	}
+	if cfg.UnixPort == 0 {
+		cfg.UnixPort = DefaultUnixPort
+	}
+	if cfg.UnixPort < 0 || cfg.UnixPort > 65535 {
+		return nil, &ConfigError{"UnixPort", fmt.Errorf("%d is not a port (1 to 65535)", cfg.UnixPort)}
+	}
+	if isDir(cfg.Listen) {
+		if fi, err := os.Stat(cfg.Listen); err != nil || !fi.IsDir() {
+			return nil, &ConfigError{"Listen", fmt.Errorf("%s is not a directory: a Unix socket goes in an existing directory (or give host:port)", cfg.Listen)}
+		}
+	}
 	if cfg.Upstream == "" {
 		return nil, &ConfigError{"Upstream", errors.New("is required")}
 	}
@@ -166,12 +188,51 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 
 // Listen binds the listening socket, so that Addr reports the port when Listen is ":0".
 func (s *Server) Listen() error {
+	if isDir(s.cfg.Listen) {
+		ln, err := listenUnix(UnixSocket(s.cfg.Listen, s.cfg.UnixPort))
+		if err != nil {
+			return err
+		}
+		s.ln = ln
+		return nil
+	}
 	ln, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", s.cfg.Listen, err)
 	}
 	s.ln = ln
 	return nil
+}
+
+// isDir reports whether a Listen value names a directory (a Unix socket) rather than host:port.
+func isDir(listen string) bool { return filepath.IsAbs(listen) }
+
+// UnixSocket is the path of the socket a Listen directory gets: <dir>/.s.PGSQL.<port>.
+func UnixSocket(dir string, port int) string {
+	return filepath.Join(dir, ".s.PGSQL."+strconv.Itoa(port))
+}
+
+// listenUnix listens on a Unix socket at path. A socket file left there by a process that
+// died is removed; one that still answers is in use, and an error says so. Closing the
+// listener removes the file.
+func listenUnix(path string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("listen %s: a file that is not a socket is in the way", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("listen %s: %w (another pgfly or Postgres listens there)", path, syscall.EADDRINUSE)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("listen %s: remove the stale socket: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	return ln, nil
 }
 
 // Addr is the address the server listens on; nil before Listen.

@@ -59,6 +59,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 	start := time.Now()
 	ss := &session{srv: s, client: c}
 	ss.info.ClientAddr = c.RemoteAddr().String()
+	if _, unix := c.(*net.UnixConn); unix {
+		ss.info.ClientAddr = "[local]" // as Postgres names a Unix-socket client
+	}
 	ss.info.Start = start
 	ss.info.Upstream = s.upstream.name
 	defer c.Close()

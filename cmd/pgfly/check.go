@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -387,9 +388,21 @@ func appChecks(ctx context.Context, t checkTarget, add adder) {
 		add("database url", verdictOK, "", "no $DATABASE_URL here: not checked")
 	default:
 		u, err := url.Parse(t.DatabaseURL)
-		if err != nil || u.Host == "" {
+		socketDir := ""
+		if err == nil {
+			socketDir = u.Query().Get("host") // libpq's form for a Unix socket: the directory
+		}
+		switch {
+		case err != nil || u.Host == "" && !filepath.IsAbs(socketDir):
 			add("database url", verdictWarn, "", "$DATABASE_URL is not a URL with a host: not checked")
-			break
+			return
+		case filepath.IsAbs(socketDir) && filepath.IsAbs(t.Listen) && filepath.Clean(socketDir) == filepath.Clean(t.Listen):
+			add("database url", verdictOK, "", "$DATABASE_URL points at pgfly's Unix socket in %s", t.Listen)
+			return
+		case filepath.IsAbs(socketDir):
+			add("database url", verdictFail, fmt.Sprintf("point the app's DATABASE_URL at pgfly, %s", t.Listen),
+				"$DATABASE_URL points at the Unix socket in %s, not at pgfly", socketDir)
+			return
 		}
 		if sameAddr(u.Host, t.Listen) {
 			add("database url", verdictOK, "", "$DATABASE_URL points at pgfly (%s)", t.Listen)

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -44,6 +45,7 @@ type runConfig struct {
 	serveConfig
 	appStartTimeout time.Duration
 	check           bool
+	socket          bool
 }
 
 func (c *runConfig) register(fs *flagSet) {
@@ -52,6 +54,8 @@ func (c *runConfig) register(fs *flagSet) {
 	fs.Lookup("primary").Usage = "primary Postgres URL, for bookmarks and lag; default: $DATABASE_URL [$PGFLY_PRIMARY]"
 	fs.DurationVar(&c.appStartTimeout, "app-start-timeout", DefaultAppStartTimeout, "how long the app may take to listen on the --app port before pgfly stops it and exits")
 	fs.bindEnv("app-start-timeout", "PGFLY_APP_START_TIMEOUT")
+	fs.BoolVar(&c.socket, "socket", false, "put the app on a Unix socket (host=<dir> in its DATABASE_URL): in --listen's directory, or in a private one pgfly makes and removes when --listen is not a directory")
+	fs.bindEnv("socket", "PGFLY_RUN_SOCKET")
 	fs.BoolVar(&c.check, "check", false, "run pgfly check's checks on what run derives from DATABASE_URL (upstream, primary), print them and exit, starting nothing; the app's command may be left out")
 	fs.bindEnv("check", "PGFLY_RUN_CHECK")
 }
@@ -84,22 +88,29 @@ type runCommand struct {
 	dashes         bool     // the command line had a --
 	stdout, stderr io.Writer
 
-	log      *zap.Logger
-	target   *checkTarget // with --check: what the checks look at, instead of running
-	pgfly    *sidecar.Sidecar
-	shim     bool   // the HTTP shim is on: wait for the app to listen
-	dbURL    string // the app's DATABASE_URL, pointed at pgfly
-	appAddr  string // where the app is to listen
-	appPort  string
-	original string // the DATABASE_URL pgfly was given
+	log       *zap.Logger
+	socketDir string       // the private directory made for --socket, removed at close
+	target    *checkTarget // with --check: what the checks look at, instead of running
+	pgfly     *sidecar.Sidecar
+	shim      bool   // the HTTP shim is on: wait for the app to listen
+	dbURL     string // the app's DATABASE_URL, pointed at pgfly
+	appAddr   string // where the app is to listen
+	appPort   string
+	original  string // the DATABASE_URL pgfly was given
 }
 
-func (c *runCommand) name() string              { return "run" }
-func (c *runCommand) register(fs *flagSet)      { c.cfg.register(fs) }
-func (c *runCommand) usage() string             { return runUsage }
-func (c *runCommand) logLevel() string          { return c.cfg.logLevel }
-func (c *runCommand) signals() []os.Signal      { return forwardedSignals }
-func (c *runCommand) close() error              { return closeSidecar(c.pgfly, c.log) }
+func (c *runCommand) name() string         { return "run" }
+func (c *runCommand) register(fs *flagSet) { c.cfg.register(fs) }
+func (c *runCommand) usage() string        { return runUsage }
+func (c *runCommand) logLevel() string     { return c.cfg.logLevel }
+func (c *runCommand) signals() []os.Signal { return forwardedSignals }
+func (c *runCommand) close() error {
+	err := closeSidecar(c.pgfly, c.log)
+	if c.socketDir != "" {
+		err = errors.Join(err, os.RemoveAll(c.socketDir))
+	}
+	return err
+}
 func (c *runCommand) usageHint(err error) error { return runUsageHint(err, c.dashes) }
 
 // runUsageHint points at the -- that a command line without one lacks.
@@ -119,6 +130,19 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	c.original = os.Getenv("DATABASE_URL")
 	if c.original == "" {
 		return errors.New("$DATABASE_URL is not set: pgfly run rewrites the app's DATABASE_URL to point at pgfly, so set it to the URL the app would use without pgfly (on Fly, `fly postgres attach` sets it)")
+	}
+	if c.cfg.socket && !filepath.IsAbs(c.cfg.listen) {
+		listenSet := false
+		fs.Visit(func(f *flag.Flag) { listenSet = listenSet || f.Name == "listen" })
+		if listenSet { // on the command line or in $PGFLY_LISTEN
+			return fmt.Errorf("flag --socket puts the app on a Unix socket, and --listen %s is not a directory: give --listen a directory, or leave it unset for a private one", c.cfg.listen)
+		}
+		dir, err := os.MkdirTemp("", "pgfly-") // 0700: the app runs as pgfly's user
+		if err != nil {
+			return fmt.Errorf("--socket: %w", err)
+		}
+		c.socketDir = dir
+		c.cfg.listen = c.socketDir
 	}
 	sc, app, how, err := c.cfg.resolve(c.original)
 	if err != nil {
@@ -402,7 +426,9 @@ func defaultUpstream(original, region, primaryRegion string) (upstream, how stri
 // pgfly it sets sslmode=disable: the connection never leaves the machine, pgfly answers
 // SSLRequest with N unless --tls-cert is set (so sslmode=require would fail), and pgfly
 // applies the original sslmode toward the real database. channel_binding and
-// sslnegotiation go with TLS, since they require it.
+// sslnegotiation go with TLS, since they require it. A pgflyAddr that is a Unix socket's
+// path (<dir>/.s.PGSQL.<port>) becomes host=<dir>&port=<port>, the form libpq, pgx,
+// node-postgres and psycopg dial.
 func appDatabaseURL(original, pgflyAddr string, tls bool) (string, error) {
 	u, err := parsePostgresURL(original)
 	if err != nil {
@@ -412,6 +438,12 @@ func appDatabaseURL(original, pgflyAddr string, tls bool) (string, error) {
 	q := u.Query()
 	for _, k := range []string{"host", "hostaddr", "port", "target_session_attrs"} {
 		q.Del(k)
+	}
+	if filepath.IsAbs(pgflyAddr) {
+		dir, name := filepath.Split(pgflyAddr)
+		u.Host = ""
+		q.Set("host", filepath.Clean(dir))
+		q.Set("port", strings.TrimPrefix(name, ".s.PGSQL."))
 	}
 	if !tls {
 		q.Set("sslmode", "disable")

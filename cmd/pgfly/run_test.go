@@ -5,8 +5,12 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -92,6 +96,9 @@ func TestAppDatabaseURL(t *testing.T) {
 			original:  "postgres://app@db/app?sslmode=require&channel_binding=require",
 			pgflyAddr: "127.0.0.1:5432", tls: true,
 			want: "postgres://app@127.0.0.1:5432/app?channel_binding=require&sslmode=require"},
+		{name: "a Unix socket: its directory as the host, its port as the port",
+			original: "postgres://app:pw@db:5432/app?host=other&sslmode=require", pgflyAddr: "/tmp/pgfly-1/.s.PGSQL.5432",
+			want: "postgres://app:pw@/app?host=%2Ftmp%2Fpgfly-1&port=5432&sslmode=disable"},
 		{name: "an IPv6 listener",
 			original: "postgres://app@db/app", pgflyAddr: "[::1]:5432",
 			want: "postgres://app@[::1]:5432/app?sslmode=disable"},
@@ -274,6 +281,7 @@ func TestRunSampleApp(t *testing.T) {
 		name     string
 		region   string
 		extra    []string // more flags
+		socket   bool     // --socket instead of --listen
 		wantRole string
 		check    func(t *testing.T, r reply)
 	}{
@@ -291,15 +299,37 @@ func TestRunSampleApp(t *testing.T) {
 					t.Errorf("POST /items: got %d %q cookies %q, want 201 with a pgfly_lsn bookmark", r.status, r.body, r.header.Values("Set-Cookie"))
 				}
 			}},
+		{name: "--socket: the app reaches pgfly on a Unix socket in a private directory", region: "iad", socket: true, wantRole: "primary",
+			check: func(t *testing.T, r reply) {
+				if r.status != http.StatusCreated {
+					t.Errorf("POST /items: got %d %q, want 201", r.status, r.body)
+				}
+			}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			relay, shim, admin, appAddr := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 			env := []string{"DATABASE_URL=" + primaryURL, "FLY_REGION=" + tt.region, "PRIMARY_REGION=iad"}
-			args := append([]string{"run", "--listen=" + relay, "--http-listen=" + shim, "--admin-listen=" + admin,
+			listen := "--listen=" + relay
+			if tt.socket {
+				listen = "--socket"
+			}
+			args := append([]string{"run", listen, "--http-listen=" + shim, "--admin-listen=" + admin,
 				"--app=http://" + appAddr}, tt.extra...)
 			p := startProc(t, env, pgflyBin, append(args, "--", app)...)
 			p.waitLog(t, 30*time.Second, "app is listening")
+			var socketDir string
+			if tt.socket {
+				dbURL, _ := p.logLine("app started")["database_url"].(string)
+				u, err := url.Parse(dbURL)
+				if err != nil || u.Host != "" || !filepath.IsAbs(u.Query().Get("host")) {
+					t.Fatalf("the app's DATABASE_URL: got %q, want host=<a directory> and no TCP host", dbURL)
+				}
+				socketDir = u.Query().Get("host")
+				if fi, err := os.Stat(filepath.Join(socketDir, ".s.PGSQL."+u.Query().Get("port"))); err != nil || fi.Mode()&os.ModeSocket == 0 {
+					t.Fatalf("pgfly's socket in %s: %v, want it there", socketDir, err)
+				}
+			}
 
 			got := send(t, http.MethodGet, "http://"+shim+"/items", "", nil)
 			if got.status != http.StatusOK || got.header.Get(sampleapp.RegionHeader) != tt.region {
@@ -322,6 +352,9 @@ func TestRunSampleApp(t *testing.T) {
 			}
 			for _, addr := range []string{relay, shim, admin, appAddr} {
 				assertFree(t, addr)
+			}
+			if _, err := os.Stat(socketDir); socketDir != "" && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the socket's directory %s after exit: %v, want it removed", socketDir, err)
 			}
 		})
 	}

@@ -23,6 +23,7 @@ const DefaultShutdownTimeout = 30 * time.Second
 // serveConfig is the sidecar's configuration, from flags and the environment.
 type serveConfig struct {
 	listen            string
+	unixPort          int
 	upstream          string
 	primary           string
 	httpListen        string
@@ -55,8 +56,10 @@ type serveConfig struct {
 }
 
 func (c *serveConfig) register(fs *flagSet) {
-	fs.StringVar(&c.listen, "listen", "127.0.0.1:5432", "Postgres address the app connects to")
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:5432", "Postgres address the app connects to: host:port, or a directory (e.g. /tmp/pgfly) for a Unix socket there, <dir>/.s.PGSQL.<--unix-port>")
 	fs.bindEnv("listen", "PGFLY_LISTEN")
+	fs.IntVar(&c.unixPort, "unix-port", wire.DefaultUnixPort, "the port in the Unix socket's name when --listen is a directory, as clients give it with the directory as the host")
+	fs.bindEnv("unix-port", "PGFLY_UNIX_PORT")
 	fs.StringVar(&c.upstream, "upstream", "", "nearby Postgres URL sessions are relayed to (required; its sslmode is honoured)")
 	fs.bindEnv("upstream", "PGFLY_UPSTREAM")
 	fs.StringVar(&c.primary, "primary", "", "primary Postgres URL, for bookmarks and lag")
@@ -129,6 +132,7 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	sc := sidecar.Config{
 		Relay: wire.Config{
 			Listen:         c.listen,
+			UnixPort:       c.unixPort,
 			Upstream:       c.upstream,
 			MaxMessageSize: int(c.maxMessageSize),
 			ConnectTimeout: c.connectTimeout,
@@ -226,6 +230,7 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 // Config field that a flag sets, with a hint for the error where one helps.
 var componentFlags = map[string]struct{ flag, hint string }{
 	"wire.Listen":            {"listen", ""},
+	"wire.UnixPort":          {"unix-port", ""},
 	"wire.Upstream":          {"upstream", ""},
 	"wire.MaxMessageSize":    {"max-message-size", ""},
 	"wire.ConnectTimeout":    {"connect-timeout", ""},
