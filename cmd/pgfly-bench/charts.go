@@ -262,6 +262,7 @@ func (c *charts) mixedReplays() (drawer, error) {
 		yLabel:     "% of requests",
 		categories: []string{"reads replayed\nin the primary region", "writes the replica region's\napp ran before their replay"},
 		label:      func(v float64) string { return fmt.Sprintf("%.1f%%", v) },
+		yTicks:     []float64{0, 25, 50, 75, 100}, // no 120% above the legend's headroom
 	}
 	for _, m := range c.mixed {
 		col := colorLearnOff
@@ -280,6 +281,7 @@ type bars struct {
 	categories    []string
 	series        []barSeries
 	label         func(float64) string // the text over each bar; nil for none
+	yTicks        []float64            // the value axis's labelled ticks; nil for plot's own
 }
 
 // barSeries is one colour of bars, a value per category (NaN: no bar).
@@ -358,6 +360,13 @@ func (g bars) plot(width vg.Length) (*plot.Plot, error) {
 		top = 1
 	}
 	p.Y.Max = top * (1.2 + 0.12*float64(len(g.series)))
+	if g.yTicks != nil {
+		var ticks []plot.Tick
+		for _, v := range g.yTicks {
+			ticks = append(ticks, plot.Tick{Value: v, Label: fmt.Sprint(v)})
+		}
+		p.Y.Tick.Marker = plot.ConstantTicks(ticks)
+	}
 	return p, nil
 }
 
