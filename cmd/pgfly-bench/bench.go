@@ -30,6 +30,14 @@ type bench struct {
 	pgbouncer string
 	cluster   *pgcluster.Cluster
 	rep       report
+	charts    charts // the figures drawn beside the report, with --out
+}
+
+// chart links a chart the report's directory will hold, when there is one (--out).
+func (b *bench) chart(file, alt string) {
+	if b.cfg.out != "" {
+		b.rep.printf("![%s](%s)\n\n", alt, file)
+	}
 }
 
 func (b *bench) logf(format string, args ...any) {

@@ -17,8 +17,9 @@
 //
 //	go run ./cmd/pgfly-bench [--quick] [--delay=40ms] [--out=FILE]
 //
-// --quick finishes in under a minute and is what CI runs. It never talks to anything but
-// 127.0.0.1.
+// --quick finishes in under a minute and is what CI runs. --out also writes SVG charts of
+// sections 1, 4 and 6 (gonum's plot) into the file's directory, which the markdown links by
+// relative names. It never talks to anything but 127.0.0.1.
 package main
 
 import (
@@ -29,6 +30,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -70,7 +72,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.quick, "quick", false, "fewer and shorter runs: finishes in under a minute (CI runs this)")
 	fs.BoolVar(&c.smoke, "smoke", false, "the plumbing only, with tiny runs whose figures mean nothing (the command's own test)")
 	fs.DurationVar(&c.delay, "delay", DefaultDelay, "one-way delay on every cross-region connection")
-	fs.StringVar(&c.out, "out", "", "also write the markdown to this file")
+	fs.StringVar(&c.out, "out", "", "also write the markdown to this file, and its charts (SVG) beside it")
 	fs.StringVar(&c.pgfly, "pgfly", "", "a pgfly binary to measure; by default it is built from this module")
 	fs.Func("pgfly-env", "KEY=VALUE for the environment of the pgfly child processes, e.g. GOMAXPROCS=1 (repeatable)", func(v string) error {
 		if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
@@ -214,6 +216,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if cfg.out != "" {
 		if err := os.WriteFile(cfg.out, []byte(out), 0o644); err != nil {
 			return fmt.Errorf("flag --out: %w", err)
+		}
+		written, err := b.charts.write(filepath.Dir(cfg.out))
+		if err != nil {
+			return fmt.Errorf("flag --out: %w", err)
+		}
+		for _, w := range written {
+			b.logf("wrote %s", w)
 		}
 	}
 	return nil

@@ -67,6 +67,17 @@ func TestSmoke(t *testing.T) {
 		}
 	})
 
+	t.Run("the charts are beside the report, which links them", func(t *testing.T) {
+		for _, file := range []string{chartRelayTPS, chartRelayCost, chartSeed, chartMixed} {
+			if root, _ := readSVG(t, filepath.Join(filepath.Dir(out), file)); root != "svg" {
+				t.Errorf("%s: got root element <%s>, want <svg>", file, root)
+			}
+			if !strings.Contains(report, "]("+file+")") {
+				t.Errorf("the report has no image link to %s", file)
+			}
+		}
+	})
+
 	t.Run("pgbench ran through every endpoint", func(t *testing.T) {
 		row := regexp.MustCompile("(?m)^\\| `-[SN] -M [a-z]+` \\| [0-9]+ \\| ([^|]+) \\| ([0-9]+) \\|")
 		seen := map[string]int{}

@@ -118,6 +118,11 @@ func (b *bench) mixedLoad(ctx context.Context) error {
 	}
 	r.table([]string{"learning", "reads", "reads replayed", "read p50 ms", "read p99 ms", "write p50 ms", "write p99 ms",
 		"writes the replica region's app ran first"}, rows)
+	for _, m := range runs {
+		b.charts.mixed = append(b.charts.mixed, mixedPoint{learning: m.name(), readsReplayed: m.readShare(),
+			writesRanFirst: float64(m.replicaRan) / float64(len(m.writes))})
+	}
+	b.chart(chartMixed, "Share of reads replayed and of writes the replica region's app ran first, learned write routes on and off")
 	r.printf("In the warm-up the app in %s ran %d of the %d writes with learning on (pgfly then listed %s as learned: %s) "+
 		"and %d of %d with learning off.\n\n", replicaRegion, on.warmRan, mixedWarmUp, writeRoute, yesNo(on.learned),
 		off.warmRan, mixedWarmUp)

@@ -30,12 +30,15 @@ type pgbenchConfig struct {
 	clients int
 }
 
-func (c pgbenchConfig) String() string {
+func (c pgbenchConfig) String() string { return "`" + c.plain() + "`" }
+
+// plain is the workload's pgbench flags, e.g. "-S -M prepared".
+func (c pgbenchConfig) plain() string {
 	s := "-N"
 	if c.select1 {
 		s = "-S"
 	}
-	return fmt.Sprintf("`%s -M %s`", s, c.mode)
+	return fmt.Sprintf("%s -M %s", s, c.mode)
 }
 
 // pgbenchResult is what one pgbench run measured.
@@ -158,6 +161,15 @@ func (b *bench) relayOverhead(ctx context.Context) error {
 	}
 	r.table([]string{"workload", "clients", "via", "TPS", "TPS vs direct", "TPS vs PgBouncer", "avg latency µs", "p99 latency µs",
 		"proxy CPU s / 1k tx", "proxy peak RSS MiB"}, rows)
+	for _, c := range configs {
+		for i, t := range targets {
+			x := results[c][i]
+			b.charts.relay = append(b.charts.relay, relayPoint{workload: c.plain(), clients: c.clients, via: t.name,
+				tps: x.tps, cpuUSPerTx: x.cpuPer1k * 1000}) // s per 1,000 tx × 1,000 = µs per tx
+		}
+	}
+	b.chart(chartRelayTPS, "TPS by workload and client count: direct, pgfly, PgBouncer, bare Go TCP relay")
+	b.chart(chartRelayCost, "Proxy CPU µs per transaction by workload and client count: pgfly, PgBouncer, bare Go TCP relay")
 
 	// Targets.
 	worstBouncer, worstDirect := math.Inf(1), math.Inf(1)

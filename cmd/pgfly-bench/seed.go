@@ -138,6 +138,17 @@ func (b *bench) compareSetups(ctx context.Context, t *twoRegions, client *http.C
 	}
 	r.printf("Read requests:\n\n")
 	r.table([]string{"setup", "ran in", "p50 ms", "p99 ms", "p50 vs local read", "p99 vs local read"}, rows)
+	for i, k := range kinds[:3] {
+		b.charts.seed = append(b.charts.seed, seedPoint{write: true, setup: k.setup, p50MS: st[i].p50 / 1000, p99MS: st[i].p99 / 1000})
+	}
+	for _, i := range []int{4, 3, 5} {
+		setup := kinds[i].setup
+		if i == 4 {
+			setup = "local read, no pgfly"
+		}
+		b.charts.seed = append(b.charts.seed, seedPoint{setup: setup, p50MS: st[i].p50 / 1000, p99MS: st[i].p99 / 1000})
+	}
+	b.chart(chartSeed, "Write and read latency, p50 and p99, by setup: pgfly, DB-level routing, everything in the primary region, a local read")
 	r.printf("A read through pgfly pays the shim's HTTP hop and, per statement, one more socket pair in the relay " +
 		"(sections 3 and 1 measure each).\n\n")
 
