@@ -28,6 +28,8 @@ type bench struct {
 	pgflyBin  string
 	pgbench   string
 	pgbouncer string
+	perf      string // perf, when it can count the proxies' software events; else ""
+	noPerf    string // why not, for the report
 	cluster   *pgcluster.Cluster
 	rep       report
 	charts    charts // the figures drawn beside the report, with --out
@@ -58,6 +60,7 @@ func newBench(ctx context.Context, cfg config, prof profile, stderr io.Writer) (
 	if b.pgbouncer, err = lookTool("pgbouncer", "pgbouncer"); err != nil {
 		return nil, err
 	}
+	b.perf, b.noPerf = findPerf(ctx)
 	if b.tmp, err = os.MkdirTemp("", "pgfly-bench-"); err != nil {
 		return nil, err
 	}

@@ -140,7 +140,7 @@ var (
 		prefix string
 		color  color.Color
 	}{
-		{"direct", colorDirect}, {"pgfly", colorPgfly}, {"PgBouncer", colorBouncer}, {"bare", colorBare},
+		{"direct", colorDirect}, {"pgfly, Unix socket", colorOther}, {"pgfly", colorPgfly}, {"PgBouncer", colorBouncer}, {"bare", colorBare},
 		{setupRouted, colorRouted}, {setupPrimary, colorPrimary}, {"local", colorLocal},
 	}
 )

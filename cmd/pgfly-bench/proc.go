@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -93,8 +94,12 @@ func freePort() (int, error) {
 // waitListening waits until addr accepts TCP connections, or exited is closed, or timeout.
 func waitListening(ctx context.Context, addr string, exited <-chan struct{}, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
+	network := "tcp"
+	if filepath.IsAbs(addr) {
+		network = "unix" // a socket's path
+	}
 	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
+		c, err := net.DialTimeout(network, addr, time.Second)
 		if err == nil {
 			c.Close()
 			return nil

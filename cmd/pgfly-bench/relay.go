@@ -50,6 +50,9 @@ type pgbenchResult struct {
 	cpuSec   float64 // proxy CPU seconds over the run; NaN without a proxy
 	cpuPer1k float64 // proxy CPU seconds per 1,000 transactions; NaN without a proxy
 	peakMiB  float64 // proxy peak RSS during the run; NaN without a proxy
+	// syscallsPerTx and switchesPerTx are the proxy's per transaction (perf's software
+	// counters; without perf, switches from /proc and no syscalls); NaN without a proxy.
+	syscallsPerTx, switchesPerTx float64
 }
 
 // endpoint is where pgbench connects: Postgres itself or a proxy in front of it.
@@ -102,11 +105,19 @@ func (b *bench) relayOverhead(ctx context.Context) error {
 		return err
 	}
 	defer bare.Close()
+	pgflyUnix, pgflyUnixAddr, err := b.startPgflyUnix(ctx, "section1-socket", b.cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgbenchDB))
+	if err != nil {
+		return err
+	}
+	defer pgflyUnix.stop()
+	// The first three are direct, pgfly and PgBouncer, in that order: the targets below
+	// compare them by index.
 	targets := []endpoint{
 		{name: "direct", addr: b.cluster.Primary.Addr()},
 		{name: pgflyName(b.cfg.pgflyEnv), addr: pgflyAddr, proc: pgfly},
 		{name: "PgBouncer (session)", addr: bouncerAddr, proc: bouncer},
 		{name: "bare Go TCP relay", addr: bare.Addr().String(), inProcess: true},
+		{name: "pgfly, Unix socket", addr: pgflyUnixAddr, proc: pgflyUnix},
 	}
 
 	configs := append(append([]pgbenchConfig{}, b.prof.reads...), b.prof.writes...)
@@ -142,9 +153,10 @@ func (b *bench) relayOverhead(ctx context.Context) error {
 		"interleaved repetitions (direct, pgfly, PgBouncer, bare relay, direct, ...). The bare Go TCP relay (in the "+
 		"benchmark's own process, two goroutines per connection copying through an 8 KiB buffer with read and write, "+
 		"no protocol at all; its CPU is the otherwise idle benchmark process's, its RSS is not measured) shows the floor "+
-		"of a Go relay on this machine. pgbench uses `-j 2` from 2 clients up. Latencies "+
-		"come from pgbench's per-transaction log (`-l`). Proxy CPU is utime+stime from /proc/<pid>/stat over the run; peak "+
-		"RSS is VmHWM from /proc/<pid>/status, reset before each run through /proc/<pid>/clear_refs.\n\n", dur, b.prof.reps)
+		"of a Go relay on this machine. \"pgfly, Unix socket\" is a second pgfly with `--listen <dir>`, which pgbench "+
+		"reaches as `-h <dir>`. pgbench uses `-j 2` from 2 clients up. Latencies "+
+		"come from pgbench's per-transaction log (`-l`). %s Peak "+
+		"RSS is VmHWM from /proc/<pid>/status, reset before each run through /proc/<pid>/clear_refs.\n\n", dur, b.prof.reps, b.countersText())
 	var rows [][]string
 	for _, c := range configs {
 		res := results[c]
@@ -156,11 +168,11 @@ func (b *bench) relayOverhead(ctx context.Context) error {
 				vsBouncer = ratio(x.tps, pg.tps)
 			}
 			rows = append(rows, []string{c.String(), strconv.Itoa(c.clients), t.name, f0(x.tps), ratio(x.tps, direct.tps), vsBouncer,
-				f0(x.avgUS), f0(x.p99US), f3(x.cpuPer1k), f1(x.peakMiB)})
+				f0(x.avgUS), f0(x.p99US), f1(x.syscallsPerTx), f2(x.switchesPerTx), f1(x.cpuPer1k * 1000), f1(x.peakMiB)})
 		}
 	}
 	r.table([]string{"workload", "clients", "via", "TPS", "TPS vs direct", "TPS vs PgBouncer", "avg latency µs", "p99 latency µs",
-		"proxy CPU s / 1k tx", "proxy peak RSS MiB"}, rows)
+		"proxy syscalls / tx", "proxy context switches / tx", "proxy CPU µs / tx", "proxy peak RSS MiB"}, rows)
 	for _, c := range configs {
 		for i, t := range targets {
 			x := results[c][i]
@@ -208,8 +220,48 @@ func (b *bench) relayOverhead(ctx context.Context) error {
 	pgflyCPU, bouncerCPU := cpuTotal[1]/txTotal[1]*1000, cpuTotal[2]/txTotal[2]*1000
 	r.check("1", "pgfly's CPU per transaction ≤ PgBouncer's", pgflyCPU <= bouncerCPU,
 		fmt.Sprintf("%.3f vs %.3f CPU s per 1k transactions over all runs, ratio %.2f", pgflyCPU, bouncerCPU, pgflyCPU/bouncerCPU))
+	for _, m := range []struct {
+		what string
+		of   func(pgbenchResult) float64
+	}{
+		{"syscalls", func(x pgbenchResult) float64 { return x.syscallsPerTx }},
+		{"context switches", func(x pgbenchResult) float64 { return x.switchesPerTx }},
+		{"CPU time", func(x pgbenchResult) float64 { return x.cpuPer1k }},
+	} {
+		worst, at, counted := math.Inf(-1), "", false
+		for _, c := range configs {
+			if c.clients != 1 && c.clients != 16 {
+				continue
+			}
+			if x := m.of(results[c][1]) / m.of(results[c][2]); !math.IsNaN(x) {
+				counted = true
+				if x > worst {
+					worst, at = x, fmt.Sprintf("%s -c %d", c, c.clients)
+				}
+			}
+		}
+		if counted {
+			r.check("1", fmt.Sprintf("pgfly's %s per transaction ≤ PgBouncer's at 1 and 16 clients", m.what), worst <= 1,
+				fmt.Sprintf("highest ratio pgfly / PgBouncer %.2f, at %s", worst, at))
+		}
+	}
+	for _, c := range configs {
+		tcp, unix := results[c][1], results[c][4]
+		r.printf("- %s -c %d, pgfly on a Unix socket vs TCP: TPS %s, syscalls / tx %s, CPU / tx %s\n", c, c.clients,
+			ratio(unix.tps, tcp.tps), ratio(unix.syscallsPerTx, tcp.syscallsPerTx), ratio(unix.cpuPer1k, tcp.cpuPer1k))
+	}
 	r.printf("\n")
 	return nil
+}
+
+// countersText says where section 1's per-transaction counters come from.
+func (b *bench) countersText() string {
+	if b.perf != "" {
+		return "Proxy syscalls, context switches and CPU time are the kernel's software counters for the proxy's process " +
+			"(`perf stat -e " + perfEvents + " -p <pid>` around the pgbench run), divided by its transactions."
+	}
+	return "Proxy context switches and CPU time come from /proc (voluntary and nonvoluntary switches of every thread; " +
+		"utime+stime), divided by the run's transactions; syscalls are not counted: " + b.noPerf + "."
 }
 
 // pgflyName names pgfly's rows, with the environment it was given.
@@ -235,6 +287,9 @@ func medianResult(rs []pgbenchResult) pgbenchResult {
 		p99US:    pick(func(r pgbenchResult) float64 { return r.p99US }),
 		cpuPer1k: pick(func(r pgbenchResult) float64 { return r.cpuPer1k }),
 		peakMiB:  pick(func(r pgbenchResult) float64 { return r.peakMiB }),
+
+		syscallsPerTx: pick(func(r pgbenchResult) float64 { return r.syscallsPerTx }),
+		switchesPerTx: pick(func(r pgbenchResult) float64 { return r.switchesPerTx }),
 	}
 }
 
@@ -257,7 +312,7 @@ var (
 
 // runPgbench runs one pgbench against t and measures t's process around it.
 func (b *bench) runPgbench(ctx context.Context, t endpoint, c pgbenchConfig) (pgbenchResult, error) {
-	res := pgbenchResult{cpuSec: math.NaN(), cpuPer1k: math.NaN(), peakMiB: math.NaN()}
+	res := pgbenchResult{cpuSec: math.NaN(), cpuPer1k: math.NaN(), peakMiB: math.NaN(), syscallsPerTx: math.NaN(), switchesPerTx: math.NaN()}
 	logDir, err := os.MkdirTemp(b.tmp, "pgbench-log-")
 	if err != nil {
 		return res, err
@@ -281,14 +336,19 @@ func (b *bench) runPgbench(ctx context.Context, t endpoint, c pgbenchConfig) (pg
 	cmd.Env = pgEnv()
 	cmd.Dir = logDir
 
-	var cpu0 float64
+	var before counters
+	var perfOut string
 	if t.proc != nil {
 		if err := resetPeak(t.proc.pid()); err != nil {
 			return res, fmt.Errorf("reset the peak RSS of %s: %w", t.name, err)
 		}
 	}
-	if pid := t.cpuPID(); pid != 0 {
-		if cpu0, err = cpuSeconds(pid); err != nil {
+	pid := t.cpuPID()
+	switch {
+	case pid != 0 && b.perf != "":
+		cmd, perfOut = withPerf(b.perf, pid, logDir, cmd)
+	case pid != 0:
+		if before, err = procCounters(pid); err != nil {
 			return res, err
 		}
 	}
@@ -296,12 +356,21 @@ func (b *bench) runPgbench(ctx context.Context, t endpoint, c pgbenchConfig) (pg
 	if err != nil {
 		return res, fmt.Errorf("%w: %s", err, out)
 	}
-	if pid := t.cpuPID(); pid != 0 {
-		cpu1, err := cpuSeconds(pid)
+	var used counters
+	switch {
+	case perfOut != "":
+		if used, err = readPerf(perfOut); err != nil {
+			return res, err
+		}
+	case pid != 0:
+		after, err := procCounters(pid)
 		if err != nil {
 			return res, err
 		}
-		res.cpuSec = cpu1 - cpu0
+		used = counters{syscalls: math.NaN(), switches: after.switches - before.switches, cpuSec: after.cpuSec - before.cpuSec}
+	}
+	if pid != 0 {
+		res.cpuSec = used.cpuSec
 	}
 	if t.proc != nil {
 		hwm, err := memKiB(t.proc.pid(), "VmHWM")
@@ -324,6 +393,9 @@ func (b *bench) runPgbench(ctx context.Context, t endpoint, c pgbenchConfig) (pg
 		return res, fmt.Errorf("no transactions: %s", out)
 	}
 	res.cpuPer1k = res.cpuSec / (float64(res.tx) / 1000)
+	if pid != 0 {
+		res.syscallsPerTx, res.switchesPerTx = used.syscalls/float64(res.tx), used.switches/float64(res.tx)
+	}
 	lat, err := readTxLog(logDir)
 	if err != nil {
 		return res, err
@@ -376,21 +448,38 @@ func (b *bench) startPgfly(ctx context.Context, name, upstream, adminAddr string
 		return nil, "", err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	p, err := b.startPgflyOn(ctx, name, upstream, adminAddr, []string{"--listen", addr}, addr)
+	return p, addr, err
+}
+
+// startPgflyUnix is startPgfly on a Unix socket in a directory of its own; the address it
+// returns is "<dir>:<port>", as pgbench takes them (-h <dir> -p <port>).
+func (b *bench) startPgflyUnix(ctx context.Context, name, upstream string) (*process, string, error) {
+	dir, err := os.MkdirTemp(b.tmp, "pgfly-socket-")
+	if err != nil {
+		return nil, "", err
+	}
+	p, err := b.startPgflyOn(ctx, name, upstream, "", []string{"--listen", dir}, wire.UnixSocket(dir, wire.DefaultUnixPort))
+	return p, net.JoinHostPort(dir, strconv.Itoa(wire.DefaultUnixPort)), err
+}
+
+// startPgflyOn starts pgfly serve with listen's flags and waits until it answers at dial.
+func (b *bench) startPgflyOn(ctx context.Context, name, upstream, adminAddr string, listen []string, dial string) (*process, error) {
 	// Section 2 holds more idle sessions than pgfly's default limit in the full profile.
 	maxConn := max(wire.DefaultMaxClientConn, b.prof.sessions+100)
-	cmd := exec.Command(b.pgflyBin, "serve", "--listen", addr, "--upstream", upstream,
-		"--http-listen=", "--admin-listen="+adminAddr, "--log-level", "warn", "--max-client-conn", strconv.Itoa(maxConn))
+	cmd := exec.Command(b.pgflyBin, append(append([]string{"serve"}, listen...), "--upstream", upstream,
+		"--http-listen=", "--admin-listen="+adminAddr, "--log-level", "warn", "--max-client-conn", strconv.Itoa(maxConn))...)
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, b.cfg.pgflyEnv...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // never outlive the benchmark
 	p, err := startProcess("pgfly", cmd, filepath.Join(b.tmp, "pgfly-"+name+".log"))
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
-	if err := waitListening(ctx, addr, p.exited, 10*time.Second); err != nil {
+	if err := waitListening(ctx, dial, p.exited, 10*time.Second); err != nil {
 		p.stop()
-		return nil, "", fmt.Errorf("pgfly: %w: %s", err, p.logTail())
+		return nil, fmt.Errorf("pgfly: %w: %s", err, p.logTail())
 	}
-	return p, addr, nil
+	return p, nil
 }
 
 // startPgbouncer starts PgBouncer in session mode in front of s, from a generated
