@@ -63,7 +63,7 @@ func newRequest(r *http.Request) *request {
 		url:      r.URL,
 		key:      key,
 		start:    time.Now(),
-		traceID:  traceIDOf(r.Header.Get("traceparent")),
+		traceID:  traceIDOf(r.Header.Get(traceparentHeader)),
 		replayed: replayedByPgfly(r.Header),
 		upgrade:  r.Header.Get("Upgrade") != "",
 		secure:   r.TLS != nil || r.Header.Get("Fly-Forwarded-Proto") == "https" || r.Header.Get("X-Forwarded-Proto") == "https",

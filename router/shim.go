@@ -374,9 +374,9 @@ func (s *Shim) Routes() RoutesReport {
 // not reached); otherwise it proxies it to the app, tracking it while it is in flight.
 func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	req := newRequest(r)
-	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get("traceparent") == "" {
+	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get(traceparentHeader) == "" {
 		tp := newTraceparent()
-		r.Header.Set("traceparent", tp)
+		r.Header.Set(traceparentHeader, tp)
 		req.traceID = traceIDOf(tp)
 	}
 	hasBody := !req.upgrade && r.Body != nil && r.Body != http.NoBody
