@@ -81,10 +81,19 @@ func newTraceparent() string {
 }
 
 // copyBuffers lends ReverseProxy its body copy buffers, which it would otherwise allocate
-// (32 KiB) for every request. Put boxes a slice header: far cheaper than the buffer.
+// (32 KiB) for every request. The pool holds pointers to the buffers' arrays, so that Put
+// does not box a slice header: a lent buffer costs no allocation at all.
 type copyBuffers struct{}
 
-var copyBufferPool = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
+const copyBufferSize = 32 << 10
 
-func (copyBuffers) Get() []byte  { return copyBufferPool.Get().([]byte) }
-func (copyBuffers) Put(b []byte) { copyBufferPool.Put(b) }
+var copyBufferPool = sync.Pool{New: func() any { return new([copyBufferSize]byte) }}
+
+func (copyBuffers) Get() []byte { return copyBufferPool.Get().(*[copyBufferSize]byte)[:] }
+
+func (copyBuffers) Put(b []byte) {
+	if cap(b) < copyBufferSize {
+		return // not one of ours
+	}
+	copyBufferPool.Put((*[copyBufferSize]byte)(b[:copyBufferSize]))
+}
