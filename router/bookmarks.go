@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -50,6 +52,9 @@ func (s *Shim) bookmark(req *request) (lag.Position, bool) {
 	if s.cfg.Consistency != ConsistencySession || s.cfg.Replica == nil {
 		return lag.Position{}, false
 	}
+	if !hasBookmark(req.in.Header) {
+		return lag.Position{}, false
+	}
 	c, err := req.in.Cookie(BookmarkCookie)
 	if err != nil {
 		return lag.Position{}, false
@@ -60,6 +65,12 @@ func (s *Shim) bookmark(req *request) (lag.Position, bool) {
 		return lag.Position{}, false
 	}
 	return pos, true
+}
+
+// hasBookmark reports whether a Cookie header may hold the bookmark. Most requests carry
+// cookies and few a bookmark: looking for its name first spares parsing every cookie.
+func hasBookmark(h http.Header) bool {
+	return slices.ContainsFunc(h["Cookie"], func(line string) bool { return strings.Contains(line, BookmarkCookie) })
 }
 
 // waitFor waits, up to ConsistencyWait, for the replica to replay pos.
