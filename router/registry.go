@@ -52,22 +52,32 @@ func requestOf(r *http.Request) *request {
 	return req
 }
 
-func newRequest(r *http.Request) *request {
-	key, ok := routeKey(r.Method, r.URL.Path)
-	if !ok {
-		key = ""
-	}
+func (s *Shim) newRequest(r *http.Request) *request {
 	return &request{
 		method:   r.Method,
 		path:     r.URL.Path,
 		url:      r.URL,
-		key:      key,
+		key:      s.routeKey(r.Method, r.URL.Path),
 		start:    time.Now(),
 		traceID:  traceIDOf(r.Header.Get(traceparentHeader)),
 		replayed: replayedByPgfly(r.Header),
 		upgrade:  r.Header.Get("Upgrade") != "",
 		secure:   r.TLS != nil || r.Header.Get("Fly-Forwarded-Proto") == "https" || r.Header.Get("X-Forwarded-Proto") == "https",
 	}
+}
+
+// routeKey is a request's route key, or "" when it has none; the route table's copy when it
+// knows the route.
+func (s *Shim) routeKey(method, path string) string {
+	var buf [maxKeyLen]byte
+	key, ok := appendRouteKey(buf[:0], method, path)
+	switch {
+	case !ok:
+		return ""
+	case s.routes != nil:
+		return s.routes.intern(key)
+	}
+	return string(key)
 }
 
 // ServedHere is the number of requests the app in this region answered without a replay: the

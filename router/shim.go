@@ -375,7 +375,7 @@ func (s *Shim) Routes() RoutesReport {
 // before the app runs it (a learned or configured write route, or a bookmark the replica has
 // not reached); otherwise it proxies it to the app, tracking it while it is in flight.
 func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	req := newRequest(r)
+	req := s.newRequest(r)
 	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get(traceparentHeader) == "" {
 		tp := newTraceparent()
 		r.Header.Set(traceparentHeader, tp)
