@@ -61,7 +61,9 @@ func (s *Shim) bookmark(req *request) (lag.Position, bool) {
 	}
 	pos, err := lag.ParsePosition(c.Value)
 	if err != nil {
-		s.log.Debug("malformed bookmark ignored", zap.String("path", req.path))
+		if ce := s.log.Check(zap.DebugLevel, "malformed bookmark ignored"); ce != nil {
+			ce.Write(zap.String("path", req.path))
+		}
 		return lag.Position{}, false
 	}
 	return pos, true
@@ -95,8 +97,11 @@ func (s *Shim) waitFor(ctx context.Context, req *request, pos lag.Position) Wait
 	if s.cfg.ObserveWait != nil {
 		s.cfg.ObserveWait(Wait{Path: req.path, Waited: waited, Outcome: outcome})
 	}
-	s.log.Debug("bookmark wait", zap.String("path", req.path), // never the cookie's contents
-		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
+	// Check first: a debug line's fields, passed to Debug, are built even when it is off.
+	if ce := s.log.Check(zap.DebugLevel, "bookmark wait"); ce != nil {
+		ce.Write(zap.String("path", req.path), // never the cookie's contents
+			zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
+	}
 	return outcome
 }
 
