@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -50,16 +52,27 @@ func (s *Shim) bookmark(req *request) (lag.Position, bool) {
 	if s.cfg.Consistency != ConsistencySession || s.cfg.Replica == nil {
 		return lag.Position{}, false
 	}
+	if !hasBookmark(req.in.Header) {
+		return lag.Position{}, false
+	}
 	c, err := req.in.Cookie(BookmarkCookie)
 	if err != nil {
 		return lag.Position{}, false
 	}
 	pos, err := lag.ParsePosition(c.Value)
 	if err != nil {
-		s.log.Debug("malformed bookmark ignored", zap.String("path", req.path))
+		if ce := s.log.Check(zap.DebugLevel, "malformed bookmark ignored"); ce != nil {
+			ce.Write(zap.String("path", req.path))
+		}
 		return lag.Position{}, false
 	}
 	return pos, true
+}
+
+// hasBookmark reports whether a Cookie header may hold the bookmark. Most requests carry
+// cookies and few a bookmark: looking for its name first spares parsing every cookie.
+func hasBookmark(h http.Header) bool {
+	return slices.ContainsFunc(h["Cookie"], func(line string) bool { return strings.Contains(line, BookmarkCookie) })
 }
 
 // waitFor waits, up to ConsistencyWait, for the replica to replay pos.
@@ -84,8 +97,11 @@ func (s *Shim) waitFor(ctx context.Context, req *request, pos lag.Position) Wait
 	if s.cfg.ObserveWait != nil {
 		s.cfg.ObserveWait(Wait{Path: req.path, Waited: waited, Outcome: outcome})
 	}
-	s.log.Debug("bookmark wait", zap.String("path", req.path), // never the cookie's contents
-		zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
+	// Check first: a debug line's fields, passed to Debug, are built even when it is off.
+	if ce := s.log.Check(zap.DebugLevel, "bookmark wait"); ce != nil {
+		ce.Write(zap.String("path", req.path), // never the cookie's contents
+			zap.Duration("waited", waited), zap.String("outcome", string(outcome)))
+	}
 	return outcome
 }
 

@@ -44,18 +44,34 @@ func replayedByPgfly(h http.Header) bool {
 	return false
 }
 
+// traceparentHeader is the W3C header in net/http's canonical form, so that reading it does
+// not canonicalize (and allocate) a key on every request.
+const traceparentHeader = "Traceparent"
+
 // traceIDOf returns the trace id of a W3C traceparent header ("00-<32 hex>-<16 hex>-<2 hex>"),
-// or "" when it is not one.
+// or "" when it is not one. A valid lowercase id is a substring of tp: nothing is allocated.
 func traceIDOf(tp string) string {
-	parts := strings.Split(strings.TrimSpace(tp), "-")
-	if len(parts) < 4 || len(parts[0]) != 2 || len(parts[1]) != 32 || len(parts[2]) != 16 {
+	version, rest, ok1 := strings.Cut(strings.TrimSpace(tp), "-")
+	id, rest, ok2 := strings.Cut(rest, "-")
+	parent, _, ok3 := strings.Cut(rest, "-")
+	if !ok1 || !ok2 || !ok3 || len(version) != 2 || len(id) != 32 || len(parent) != 16 {
 		return ""
 	}
-	id := strings.ToLower(parts[1])
-	if _, err := hex.DecodeString(id); err != nil || id == strings.Repeat("0", 32) {
+	id = strings.ToLower(id)
+	if !isHex(id) || strings.Trim(id, "0") == "" {
 		return ""
 	}
 	return id
+}
+
+// isHex reports whether s is made of lowercase hex digits only.
+func isHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 func newTraceparent() string {
@@ -65,10 +81,19 @@ func newTraceparent() string {
 }
 
 // copyBuffers lends ReverseProxy its body copy buffers, which it would otherwise allocate
-// (32 KiB) for every request. Put boxes a slice header: far cheaper than the buffer.
+// (32 KiB) for every request. The pool holds pointers to the buffers' arrays, so that Put
+// does not box a slice header: a lent buffer costs no allocation at all.
 type copyBuffers struct{}
 
-var copyBufferPool = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
+const copyBufferSize = 32 << 10
 
-func (copyBuffers) Get() []byte  { return copyBufferPool.Get().([]byte) }
-func (copyBuffers) Put(b []byte) { copyBufferPool.Put(b) }
+var copyBufferPool = sync.Pool{New: func() any { return new([copyBufferSize]byte) }}
+
+func (copyBuffers) Get() []byte { return copyBufferPool.Get().(*[copyBufferSize]byte)[:] }
+
+func (copyBuffers) Put(b []byte) {
+	if cap(b) < copyBufferSize {
+		return // not one of ours
+	}
+	copyBufferPool.Put((*[copyBufferSize]byte)(b[:copyBufferSize]))
+}

@@ -76,6 +76,13 @@ func TestReplayedByPgfly(t *testing.T) {
 	}
 }
 
+func TestTraceIDOfAllocatesNothing(t *testing.T) {
+	tp := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	if n := testing.AllocsPerRun(100, func() { traceIDOf(tp) }); n != 0 {
+		t.Errorf("got %v allocations per traceparent, want 0", n)
+	}
+}
+
 func TestNewTraceparent(t *testing.T) {
 	format := regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-01$`)
 	seen := make(map[string]bool)

@@ -52,22 +52,32 @@ func requestOf(r *http.Request) *request {
 	return req
 }
 
-func newRequest(r *http.Request) *request {
-	key, ok := routeKey(r.Method, r.URL.Path)
-	if !ok {
-		key = ""
-	}
+func (s *Shim) newRequest(r *http.Request) *request {
 	return &request{
 		method:   r.Method,
 		path:     r.URL.Path,
 		url:      r.URL,
-		key:      key,
+		key:      s.routeKey(r.Method, r.URL.Path),
 		start:    time.Now(),
-		traceID:  traceIDOf(r.Header.Get("traceparent")),
+		traceID:  traceIDOf(r.Header.Get(traceparentHeader)),
 		replayed: replayedByPgfly(r.Header),
 		upgrade:  r.Header.Get("Upgrade") != "",
 		secure:   r.TLS != nil || r.Header.Get("Fly-Forwarded-Proto") == "https" || r.Header.Get("X-Forwarded-Proto") == "https",
 	}
+}
+
+// routeKey is a request's route key, or "" when it has none; the route table's copy when it
+// knows the route.
+func (s *Shim) routeKey(method, path string) string {
+	var buf [maxKeyLen]byte
+	key, ok := appendRouteKey(buf[:0], method, path)
+	switch {
+	case !ok:
+		return ""
+	case s.routes != nil:
+		return s.routes.intern(key)
+	}
+	return string(key)
 }
 
 // ServedHere is the number of requests the app in this region answered without a replay: the
@@ -125,7 +135,8 @@ func (s *Shim) untrack(req *request) {
 // WebSockets and without those that started after the refused statement was sent. The one
 // whose trace id the statement carried is tainted alone; else every candidate is.
 func (s *Shim) ReadOnly(v Violation) {
-	log := s.log.With(zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code), zap.String("error", v.Message))
+	// Lazy: the common refusal, which taints requests, logs at debug only.
+	log := s.log.WithLazy(zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code), zap.String("error", v.Message))
 	if s.primary() {
 		if v.Code == codeReadOnly { // other codes on a primary are ordinary errors
 			log.Error("read-only violation in the primary region: not replaying; is the primary read-only (disk full, default_transaction_read_only)?",
@@ -164,7 +175,9 @@ func (s *Shim) ReadOnly(v Violation) {
 	s.observeRefusal(tainted)
 	switch {
 	case tainted > 0:
-		log.Debug("standby refusal tainted requests", zap.Int("requests", tainted), zap.Int("in_flight", len(candidates)))
+		if ce := log.Check(zap.DebugLevel, "standby refusal tainted requests"); ce != nil {
+			ce.Write(zap.Int("requests", tainted), zap.Int("in_flight", len(candidates)))
+		}
 	case started > 0:
 		log.Warn("standby refusal while only started responses are in flight: cannot replay them",
 			zap.Int("started", started))
@@ -230,8 +243,10 @@ func (s *Shim) UpstreamFailed(v Violation, unsafe bool) {
 			started++
 		}
 	}
-	s.log.Debug("upstream failure tainted requests", zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code),
-		zap.Int("requests", tainted), zap.Int("started", started))
+	if ce := s.log.Check(zap.DebugLevel, "upstream failure tainted requests"); ce != nil {
+		ce.Write(zap.Uint64("session", v.SessionID), zap.String("sqlstate", v.Code),
+			zap.Int("requests", tainted), zap.Int("started", started))
+	}
 	if tainted == 0 && started > 0 {
 		s.observe(Decision{Outcome: OutcomeStarted, Reason: ReasonReplicaDown, Match: MatchOverlap})
 	}

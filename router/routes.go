@@ -27,32 +27,39 @@ const (
 // "*", e.g. "POST /posts/*/copy": the form RoutePatterns accepts, so that an operator can copy
 // a learned key into --replay-routes. ok is false for a path too long to be worth a key.
 func routeKey(method, path string) (key string, ok bool) {
+	var buf [maxKeyLen]byte
+	b, ok := appendRouteKey(buf[:0], method, path)
+	return string(b), ok
+}
+
+// appendRouteKey appends the route key of method and path to b, which it returns; ok is false,
+// and b unchanged, when they have none (see routeKey). Keys are at most maxKeyLen bytes.
+func appendRouteKey(b []byte, method, path string) (_ []byte, ok bool) {
 	if len(method)+1+len(path) > maxKeyLen {
-		return "", false
+		return b, false
 	}
 	if strings.ContainsAny(path, ", \t\n\r") {
-		return "", false // not expressible as a --replay-routes pattern
+		return b, false // not expressible as a --replay-routes pattern
 	}
-	var b strings.Builder
-	b.Grow(len(method) + 1 + len(path))
-	b.WriteString(method)
-	b.WriteByte(' ')
+	start := len(b)
+	b = append(b, method...)
+	b = append(b, ' ')
 	first := true
 	for seg := range strings.SplitSeq(path, "/") {
 		if !first {
-			b.WriteByte('/')
+			b = append(b, '/')
 		}
 		first = false
 		if seg == "*" || seg == "**" {
-			return "", false // would read as a wildcard in a pattern
+			return b[:start], false // would read as a wildcard in a pattern
 		}
 		if looksLikeID(seg) {
-			b.WriteByte('*')
+			b = append(b, '*')
 		} else {
-			b.WriteString(seg)
+			b = append(b, seg...)
 		}
 	}
-	return b.String(), true
+	return b, true
 }
 
 // looksLikeID reports whether a path segment is an identifier rather than a fixed part of a
@@ -266,6 +273,17 @@ func (t *routes) evict() {
 	}
 	delete(t.byKey, victim.Value.(*route).key)
 	t.lru.Remove(victim)
+}
+
+// intern returns key as a string: the table's own copy when it knows the route, so that the
+// requests to a known route allocate no key of their own.
+func (t *routes) intern(key []byte) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if e, ok := t.byKey[string(key)]; ok {
+		return e.Value.(*route).key
+	}
+	return string(key)
 }
 
 // admit decides, for a request to key in a replica region, whether it goes to the primary

@@ -41,6 +41,19 @@ func TestRouteKey(t *testing.T) {
 	}
 }
 
+// An ordinary request to a route the table knows pays for no key of its own.
+func TestKnownRouteKeyAllocatesNothing(t *testing.T) {
+	s := &Shim{routes: newRoutes(DefaultMaxRoutes)}
+	key := s.routeKey("GET", "/items/42")
+	s.routes.admit(key)
+	if got := s.routeKey("GET", "/items/7"); got != "GET /items/*" {
+		t.Fatalf("routeKey: got %q, want %q", got, "GET /items/*")
+	}
+	if n := testing.AllocsPerRun(100, func() { s.routeKey("GET", "/items/7") }); n != 0 {
+		t.Errorf("got %v allocations for a known route's key, want 0", n)
+	}
+}
+
 func TestRoutePatterns(t *testing.T) {
 	ps, err := ParseRoutePatterns("POST /posts/*/copy, * /admin/**, GET /exact, DELETE /**")
 	if err != nil {

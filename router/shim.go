@@ -230,10 +230,13 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	appTransport := newTransport()
 	appTransport.ResponseHeaderTimeout = s.timeouts.app
 	s.transports = append(s.transports, appTransport)
+	// No FlushInterval: ReverseProxy flushes every write of a streamed response (one without
+	// a Content-Length, or server-sent events) by itself. A response of known length goes
+	// through net/http's write buffer; flushing each of its writes (FlushInterval -1) cost a
+	// timer, a goroutine and a second write to the client per request, the headers on their own.
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:        s.rewrite,
 		Transport:      appTransport,
-		FlushInterval:  -1,
 		BufferPool:     copyBuffers{},
 		ModifyResponse: s.modifyResponse,
 		ErrorHandler:   s.appFailed,
@@ -244,11 +247,10 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 		primaryTransport := newTransport()
 		s.transports = append(s.transports, primaryTransport)
 		s.primaryProxy = &httputil.ReverseProxy{
-			Rewrite:       s.rewriteToPrimary,
-			Transport:     primaryTransport,
-			FlushInterval: -1,
-			BufferPool:    copyBuffers{},
-			ErrorHandler:  s.primaryFailed,
+			Rewrite:      s.rewriteToPrimary,
+			Transport:    primaryTransport,
+			BufferPool:   copyBuffers{},
+			ErrorHandler: s.primaryFailed,
 		}
 	}
 	return s, nil
@@ -373,10 +375,10 @@ func (s *Shim) Routes() RoutesReport {
 // before the app runs it (a learned or configured write route, or a bookmark the replica has
 // not reached); otherwise it proxies it to the app, tracking it while it is in flight.
 func (s *Shim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	req := newRequest(r)
-	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get("traceparent") == "" {
+	req := s.newRequest(r)
+	if s.cfg.InjectTraceparent && req.traceID == "" && r.Header.Get(traceparentHeader) == "" {
 		tp := newTraceparent()
-		r.Header.Set("traceparent", tp)
+		r.Header.Set(traceparentHeader, tp)
 		req.traceID = traceIDOf(tp)
 	}
 	hasBody := !req.upgrade && r.Body != nil && r.Body != http.NoBody
