@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 
 	"github.com/pgfly/pgfly/internal/sidecar"
@@ -118,17 +120,53 @@ Flags:
 `
 }
 
-func (c *checkCommand) open(*flagSet, *zap.Logger) error {
+func (c *checkCommand) open(fs *flagSet, _ *zap.Logger) error {
 	sc, err := c.cfg.sidecarConfig()
 	if err != nil {
+		return usage(err)
+	}
+	if err := validate(fs, sc); err != nil {
 		return err
 	}
 	c.target = serveTarget(&c.cfg, sc, c.flags.flyToml)
 	return nil
 }
 
-func (c *checkCommand) run(ctx context.Context, _ <-chan os.Signal) error {
-	return report(c.stdout, runChecks(ctx, c.target), c.flags)
+func (c *checkCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
+	return checkUntilSignal(ctx, sigs, c.stdout, c.target, c.flags)
+}
+
+// validate refuses what serve would refuse: each component checks its own configuration when
+// it is built (nothing listens or connects until Listen and Start).
+func validate(fs *flagSet, sc sidecar.Config) error {
+	pgfly, err := sidecar.New(sc, zap.NewNop())
+	if err != nil {
+		return usage(flagError(fs, err))
+	}
+	return pgfly.Close()
+}
+
+// checkUntilSignal runs the checks and reports them; a signal stops them, and the command
+// exits as interrupted.
+func checkUntilSignal(ctx context.Context, sigs <-chan os.Signal, w io.Writer, t checkTarget, f checkFlags) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	interrupted := make(chan struct{})
+	go func() {
+		select {
+		case <-sigs:
+			close(interrupted)
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	results := runChecks(ctx, t)
+	select {
+	case <-interrupted:
+		return errInterrupted
+	default:
+	}
+	return report(w, results, f)
 }
 
 // serveTarget is what serve would run, as the checks see it.
@@ -179,7 +217,7 @@ func report(w io.Writer, results []checkResult, f checkFlags) error {
 // printChecks prints one line per check: verdict, name, what it found, and what to do.
 func printChecks(w io.Writer, results []checkResult) {
 	for _, r := range results {
-		line := fmt.Sprintf("%-4s  %-14s %s", r.Verdict, r.Check, r.Detail)
+		line := fmt.Sprintf("%-4s  %-15s %s", r.Verdict, r.Check, r.Detail)
 		if r.Fix != "" {
 			line += ". Fix: " + r.Fix
 		}
@@ -283,6 +321,9 @@ func upstreamRole(t checkTarget, up serverProbe, st lag.Status, stErr error, rep
 // credentials pgfly logs in to the primary with.
 func primaryChecks(t checkTarget, up, pri serverProbe, st lag.Status, replicaRegion bool, add adder) {
 	if t.Primary == "" {
+		if up.err != nil {
+			return // the upstream's failure says it all
+		}
 		if replicaRegion || st.Role == lag.RoleReplica {
 			add("primary", verdictWarn, "set --primary to the primary's URL (pgfly run takes DATABASE_URL)",
 				"no --primary: no bookmarks (reads after a write may not see it) and lag is the replica's own guess")
@@ -335,9 +376,16 @@ func primaryChecks(t checkTarget, up, pri serverProbe, st lag.Status, replicaReg
 		}
 	}
 
-	if t.Primary != "" {
+	if t.Primary != "" && (pri.err == nil || isAuthFailure(pri.err)) {
 		credentials(t, pri, add)
 	}
+}
+
+// isAuthFailure reports a login refused for its credentials (28P01, 28000), as against a
+// server that could not be reached.
+func isAuthFailure(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "28P01" || pe.Code == "28000")
 }
 
 // credentials: the user and password pgfly logs in to the primary with (for lag and
@@ -352,7 +400,7 @@ func credentials(t checkTarget, pri serverProbe, add adder) {
 	switch {
 	case pri.err != nil:
 		add("credentials", verdictFail, "put the primary's user and password in --primary's URL",
-			"pgfly could not log in to the primary as %s", pu.User)
+			"the primary refused pgfly's login as %s", pu.User)
 	case pu.User != uu.User:
 		add("credentials", verdictWarn, "use one URL's user for both (on Fly, DATABASE_URL serves both)",
 			"pgfly logs in to the primary as %s, the upstream as %s: a session of %s has no credentials on the primary", pu.User, uu.User, uu.User)

@@ -136,7 +136,30 @@ func TestCheck(t *testing.T) {
 			"--upstream", replica, "--primary", "postgres://"+su+"@"+freeAddr(t)+"/x")
 		got.want(t, "app", verdictFail, "does not answer")
 		got.want(t, "primary", verdictFail, "does not answer")
-		got.want(t, "credentials", verdictFail, "could not log in")
+		if _, ok := got.byName["credentials"]; ok {
+			t.Errorf("a credentials check for a primary that cannot be reached: %+v, want none (the primary's line says it)", got.byName["credentials"])
+		}
+	})
+	t.Run("a primary that refuses pgfly's password", func(t *testing.T) {
+		role := pgcluster.RoleSCRAM
+		got := runCheck(t, nil, append(replicaRegion, "--upstream", c.Replica.URL(role.Name, role.Password, pgcluster.Database),
+			"--primary", c.Primary.URL(role.Name, "not-"+role.Password, pgcluster.Database))...)
+		got.want(t, "credentials", verdictFail, "refused pgfly's login as "+role.Name)
+		if strings.Contains(got.stdout, "not-"+role.Password) {
+			t.Errorf("the report shows the password: %s", got.stdout)
+		}
+	})
+	t.Run("what serve refuses, check refuses: exit status 2", func(t *testing.T) {
+		for _, args := range [][]string{
+			append(replicaRegion, "--upstream", replica, "--consistency", "bogus"),
+			append(replicaRegion, "--upstream", replica, "--replay-mode", "proxy"),    // no --primary-http
+			append(replicaRegion[:0:0], "--region", "fra", "--primary-region", "iad"), // no --upstream
+		} {
+			p := startProc(t, nil, pgflyBin, append([]string{"check"}, args...)...)
+			if code := p.wait(t, time.Minute); code != 2 {
+				t.Errorf("pgfly check %s: exit status %d, want 2\nstderr: %s", strings.Join(args, " "), code, p.stderr.String())
+			}
+		}
 	})
 	t.Run("on Fly without PRIMARY_REGION", func(t *testing.T) {
 		got := runCheck(t, []string{"FLY_APP_NAME=my-app", "FLY_REGION=fra", "FLY_MACHINE_ID=m1"},
@@ -158,11 +181,46 @@ func TestCheck(t *testing.T) {
 		got = runCheck(t, nil, append(flags, "--fly-toml", bad)...)
 		got.want(t, "fly.toml port", verdictFail, "is the app's: the edge bypasses pgfly")
 		got.want(t, "fly.toml health", verdictWarn, "checks the app on port "+appPort+" directly")
+
+		// Any TOML: a multi-line array, an inline table, a TCP service beside the HTTP one
+		// (not pgfly's business), and a loopback admin listener Fly's checks cannot reach.
+		other := filepath.Join(t.TempDir(), "fly.toml")
+		toml = `app = "x"
+[http_service]
+  internal_port = 8080
+  processes = [
+    "app",
+  ]
+  concurrency = { type = "requests", soft_limit = 200 }
+[[services]]
+  internal_port = 6379
+  protocol = "tcp"
+  [[services.ports]]
+    port = 6379
+[checks.pgfly]
+  type = "http"
+  port = 9187
+  path = "/health"
+`
+		if err := os.WriteFile(other, []byte(toml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got = runCheck(t, nil, append(replicaRegion, "--upstream", replica, "--primary", primary, "--http-listen", ":8080",
+			"--admin-listen", "127.0.0.1:9187", "--fly-toml", other)...)
+		got.want(t, "fly.toml port", verdictOK, "internal_port 8080 is pgfly's shim")
+		got.want(t, "fly.toml health", verdictOK, "[checks.pgfly] checks pgfly's /health on port 9187")
+		got.want(t, "fly.toml listen", verdictWarn, "--admin-listen 127.0.0.1:9187 is loopback only")
+		if strings.Contains(got.stdout, "6379") {
+			t.Errorf("the TCP service was judged: %s", got.stdout)
+		}
 	})
-	t.Run("bad usage", func(t *testing.T) {
-		p := startProc(t, nil, pgflyBin, "check", "--no-such-flag")
-		if code := p.wait(t, time.Minute); code != 2 {
-			t.Errorf("exit status %d, want 2", code)
+	t.Run("bad usage exits 2, in every command", func(t *testing.T) {
+		for _, args := range [][]string{{"check", "--no-such-flag"}, {"no-such-command"}, {"serve"}, {"edge"},
+			{"serve", "--upstream", replica, "--shutdown-timeout=-1s"}, {"run", "--", "true"}, {"run", "true"}} {
+			p := startProc(t, nil, pgflyBin, args...)
+			if code := p.wait(t, time.Minute); code != 2 {
+				t.Errorf("pgfly %s: exit status %d, want 2\nstderr: %s", strings.Join(args, " "), code, p.stderr.String())
+			}
 		}
 	})
 	t.Run("run --check derives the primary from DATABASE_URL", func(t *testing.T) {
@@ -170,8 +228,8 @@ func TestCheck(t *testing.T) {
 			pgflyBin, "run", "--check", "--upstream", replica, "--app", app.URL)
 		code := p.wait(t, time.Minute)
 		out := p.stdout.String()
-		for _, w := range []string{"ok    upstream role", "ok    one cluster", "ok    database url   pgfly run points the app's DATABASE_URL at pgfly",
-			"ok    app            pgfly run starts the app", "0 failed"} {
+		for _, w := range []string{"ok    upstream role", "ok    one cluster", "ok    database url    pgfly run points the app's DATABASE_URL at pgfly",
+			"ok    app             pgfly run starts the app", "0 failed"} {
 			if !strings.Contains(out, w) {
 				t.Errorf("stdout: want %q in\n%s", w, out)
 			}

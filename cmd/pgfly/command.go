@@ -43,8 +43,17 @@ type signalled interface{ signals() []os.Signal }
 // hinted is a command that adds a hint to an error in its command line.
 type hinted interface{ usageHint(err error) error }
 
-// usageError is a command line that cannot be run as it is: exit status 2.
+// usageError is a command line that cannot be run as it is (a flag, a value or the
+// environment it reads): exit status 2, where a failure of what it runs is 1.
 type usageError struct{ err error }
+
+// usage marks err, when there is one, as the command line's.
+func usage(err error) error {
+	if err == nil {
+		return nil
+	}
+	return usageError{err}
+}
 
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }

@@ -44,8 +44,8 @@ func TestDemoScenario(t *testing.T) {
 		!strings.Contains(transcript, "; nothing to install\n") {
 		t.Errorf("got no line saying --install found the server binaries and installed nothing")
 	}
-	for _, w := range []string{"pgfly check, region fra:\n", "ok    upstream role  a replica (in recovery), as region fra needs\n",
-		"pgfly check, region iad:\n", "ok    upstream role  a primary (not in recovery), as region iad needs\n"} {
+	for _, w := range []string{"pgfly check, region fra:\n", "ok    upstream role   a replica (in recovery), as region fra needs\n",
+		"pgfly check, region iad:\n", "ok    upstream role   a primary (not in recovery), as region iad needs\n"} {
 		if !strings.Contains(transcript, w) {
 			t.Errorf("got no %q: the demo prints pgfly check for both regions at start", w)
 		}

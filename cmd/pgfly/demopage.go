@@ -322,7 +322,7 @@ func (p *demoPage) Listen() error {
 func (p *demoPage) Addr() net.Addr { return p.ln.Addr() }
 
 // URL is the page's address for a browser.
-func (p *demoPage) URL() string { return "http://" + p.Addr().String() + "/" }
+func (p *demoPage) URL() string { return "http://" + loopback(p.Addr()) + "/" }
 
 // Serve answers until Close.
 func (p *demoPage) Serve() error {

@@ -127,11 +127,11 @@ func (c *edgeCommand) open(_ *flagSet, log *zap.Logger) error {
 	c.log = log
 	ec, err := c.cfg.edgeConfig()
 	if err != nil {
-		return err
+		return usage(err)
 	}
 	e, err := edge.New(ec, log)
 	if err != nil {
-		return err
+		return usage(err)
 	}
 	if err := e.Listen(); err != nil {
 		return fmt.Errorf("%w: stop what uses that address or pick another with --listen", err)

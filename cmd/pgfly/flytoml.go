@@ -1,19 +1,20 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"net"
-	"os"
+	"slices"
 	"strconv"
-	"strings"
+
+	"github.com/BurntSushi/toml"
 )
 
-// flyToml is what `pgfly check --fly-toml` reads of a fly.toml: the HTTP service's internal
-// port and the HTTP health checks, from [http_service] and its [[http_service.checks]], the
-// older [[services]] with [[services.http_checks]], and the top-level [checks.NAME].
+// flyToml is what `pgfly check --fly-toml` reads of a fly.toml: the internal ports of the
+// HTTP services ([http_service], and each [[services]] with an "http" handler) and the HTTP
+// health checks ([[http_service.checks]], [[services.http_checks]], [checks.NAME] of type
+// "http").
 type flyToml struct {
-	servicePorts []int // internal ports of the HTTP services
+	servicePorts []int
 	checks       []flyCheck
 }
 
@@ -24,84 +25,63 @@ type flyCheck struct {
 	path  string
 }
 
-// readFlyToml reads the few keys the checks need with a line reader for TOML's common form
-// (tables, arrays of tables, key = value); a fly.toml written with inline tables for these
-// keys is not understood, and the checks then say they found nothing.
-func readFlyToml(path string) (flyToml, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return flyToml{}, err
-	}
-	defer f.Close()
-	var (
-		ft      flyToml
-		table   string
-		check   *flyCheck
-		service = -1 // the index in servicePorts of the current service
-		typ     string
-	)
-	flush := func() {
-		if check != nil && (typ == "" || typ == "http") {
-			if check.port == 0 && service >= 0 && service < len(ft.servicePorts) {
-				check.port = ft.servicePorts[service] // a service's check defaults to its port
-			}
-			ft.checks = append(ft.checks, *check)
-		}
-		check, typ = nil, ""
-	}
-	sc := bufio.NewScanner(f)
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(stripComment(sc.Text()))
-		switch {
-		case line == "":
-		case strings.HasPrefix(line, "["):
-			flush()
-			table = strings.TrimSpace(strings.Trim(line, "[]"))
-			switch {
-			case table == "http_service" || table == "services":
-				ft.servicePorts = append(ft.servicePorts, 0)
-				service = len(ft.servicePorts) - 1
-			case table == "http_service.checks" || table == "services.http_checks":
-				check = &flyCheck{where: "[[" + table + "]]"}
-			case strings.HasPrefix(table, "checks."):
-				check = &flyCheck{where: "[" + table + "]"}
-			}
-		default:
-			key, value, ok := strings.Cut(line, "=")
-			if !ok {
-				return flyToml{}, fmt.Errorf("%s:%d: want key = value, got %q", path, n, line)
-			}
-			key, value = strings.TrimSpace(key), strings.Trim(strings.TrimSpace(value), `"'`)
-			switch {
-			case key == "internal_port" && (table == "http_service" || table == "services"):
-				ft.servicePorts[service], _ = strconv.Atoi(value)
-			case check != nil && key == "port":
-				check.port, _ = strconv.Atoi(value)
-			case check != nil && key == "path":
-				check.path = value
-			case check != nil && key == "type":
-				typ = value
-			}
-		}
-	}
-	flush()
-	return ft, sc.Err()
+// flyTomlFile is the part of a fly.toml the checks read, as Fly's configuration reference
+// names it.
+type flyTomlFile struct {
+	HTTPService *struct {
+		InternalPort int `toml:"internal_port"`
+		Checks       []struct {
+			Path string `toml:"path"`
+		} `toml:"checks"`
+	} `toml:"http_service"`
+	Services []struct {
+		InternalPort int       `toml:"internal_port"`
+		Ports        []flyPort `toml:"ports"`
+		HTTPChecks   []struct {
+			Path string `toml:"path"`
+		} `toml:"http_checks"`
+	} `toml:"services"`
+	Checks map[string]struct {
+		Type string `toml:"type"`
+		Port int    `toml:"port"`
+		Path string `toml:"path"`
+	} `toml:"checks"`
 }
 
-// stripComment drops a # comment that is not inside a quoted string.
-func stripComment(line string) string {
-	var quote rune
-	for i, r := range line {
-		switch {
-		case quote != 0 && r == quote:
-			quote = 0
-		case quote == 0 && (r == '"' || r == '\''):
-			quote = r
-		case quote == 0 && r == '#':
-			return line[:i]
+// flyPort is one of a service's public ports.
+type flyPort struct {
+	Handlers []string `toml:"handlers"`
+}
+
+// readFlyToml parses a fly.toml (any valid TOML) and picks out the HTTP services and checks.
+// A service's own checks connect to its internal port; a top-level check names its port.
+func readFlyToml(path string) (flyToml, error) {
+	var f flyTomlFile
+	if _, err := toml.DecodeFile(path, &f); err != nil {
+		return flyToml{}, err
+	}
+	var ft flyToml
+	if hs := f.HTTPService; hs != nil {
+		ft.servicePorts = append(ft.servicePorts, hs.InternalPort)
+		for _, c := range hs.Checks {
+			ft.checks = append(ft.checks, flyCheck{where: "[[http_service.checks]]", port: hs.InternalPort, path: c.Path})
 		}
 	}
-	return line
+	for _, svc := range f.Services {
+		if !slices.ContainsFunc(svc.Ports, func(p flyPort) bool { return slices.Contains(p.Handlers, "http") }) {
+			continue // a TCP or TLS-only service is not the shim's business
+		}
+		ft.servicePorts = append(ft.servicePorts, svc.InternalPort)
+		for _, c := range svc.HTTPChecks {
+			ft.checks = append(ft.checks, flyCheck{where: "[[services.http_checks]]", port: svc.InternalPort, path: c.Path})
+		}
+	}
+	for name, c := range f.Checks {
+		if c.Type == "http" {
+			ft.checks = append(ft.checks, flyCheck{where: "[checks." + name + "]", port: c.Port, path: c.Path})
+		}
+	}
+	return ft, nil
 }
 
 // flyTomlChecks: the HTTP service's internal port is the shim's, and a health check asks
@@ -113,6 +93,12 @@ func flyTomlChecks(t checkTarget, add adder) {
 		return
 	}
 	shimPort, adminPort, appPort := portOf(t.HTTPListen), portOf(t.AdminListen), 0
+	for _, l := range []struct{ flag, addr string }{{"--http-listen", t.HTTPListen}, {"--admin-listen", t.AdminListen}} {
+		if isLoopback(l.addr) {
+			add("fly.toml listen", verdictWarn, fmt.Sprintf("listen on every interface, e.g. %s :%d", l.flag, portOf(l.addr)),
+				"%s %s is loopback only: Fly's proxy and health checks connect from outside the machine and cannot reach it", l.flag, l.addr)
+		}
+	}
 	if t.App != nil {
 		appPort, _ = strconv.Atoi(t.App.Port())
 	}
@@ -153,6 +139,16 @@ func flyTomlChecks(t checkTarget, add adder) {
 		}
 	}
 	add("fly.toml health", verdictWarn, fix, "no health check asks pgfly's /health on port %d", adminPort)
+}
+
+// isLoopback reports a listen address on a loopback host (127.0.0.1, ::1, localhost).
+func isLoopback(addr string) bool {
+	h, _, err := net.SplitHostPort(addr)
+	if err != nil || h == "" {
+		return false
+	}
+	ip := net.ParseIP(h)
+	return h == "localhost" || ip != nil && ip.IsLoopback()
 }
 
 // portOf is the port of a listen address, 0 when it has none.

@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"time"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
 )
@@ -35,6 +37,10 @@ func installDemo(ctx context.Context, out io.Writer) error {
 	fmt.Fprintf(out, "pgfly demo --install: the PostgreSQL server binaries are missing; installing the Debian package %s with apt-get ...\n", demoPackages[0])
 	for _, args := range [][]string{{"update", "-qq"}, append([]string{"install", "-y", "-qq", "--no-install-recommends"}, demoPackages...)} {
 		cmd := exec.CommandContext(ctx, apt, args...)
+		// A signal asks apt-get to stop as Ctrl-C would, never SIGKILL, which could leave dpkg
+		// half-way ("dpkg was interrupted").
+		cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+		cmd.WaitDelay = 5 * time.Minute
 		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Run(); err != nil {
@@ -45,6 +51,7 @@ func installDemo(ctx context.Context, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--install: installed %s, yet: %w", demoPackages[0], err)
 	}
-	fmt.Fprintf(out, "pgfly demo --install: installed; the server binaries are in %s\n", dir)
+	fmt.Fprintf(out, "pgfly demo --install: installed; the server binaries are in %s (Debian's package also creates and starts a cluster of its own, \"main\" on port 5432, which the demo does not use; pg_dropcluster --stop %s main removes it)\n",
+		dir, filepath.Base(filepath.Dir(dir))) // /usr/lib/postgresql/<version>/bin
 	return nil
 }

@@ -42,7 +42,7 @@ type exitError struct{ code int }
 
 func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
-const usage = `pgfly: run one Postgres-backed app in many regions
+const usageText = `pgfly: run one Postgres-backed app in many regions
 
 Usage:
   pgfly serve [flags]             relay Postgres sessions to the nearby replica (the sidecar)
@@ -59,7 +59,7 @@ environment variable listed beside it.
 // run executes one subcommand; only main turns its result into an exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
+		fmt.Fprint(stderr, usageText)
 		return flag.ErrHelp
 	}
 	switch args[0] {
@@ -75,10 +75,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "check":
 		return execute(ctx, &checkCommand{stdout: stdout}, args[1:], stderr)
 	case "help", "-h", "-help", "--help":
-		fmt.Fprint(stdout, usage)
+		fmt.Fprint(stdout, usageText)
 		return nil
 	default:
-		fmt.Fprint(stderr, usage)
-		return fmt.Errorf("unknown command %q", args[0])
+		fmt.Fprint(stderr, usageText)
+		return usageError{fmt.Errorf("unknown command %q", args[0])}
 	}
 }

@@ -45,6 +45,7 @@ type runConfig struct {
 	serveConfig
 	appStartTimeout time.Duration
 	check           bool
+	checkFlags      checkFlags // with --check
 	socket          bool
 }
 
@@ -58,6 +59,7 @@ func (c *runConfig) register(fs *flagSet) {
 	fs.bindEnv("socket", "PGFLY_RUN_SOCKET")
 	fs.BoolVar(&c.check, "check", false, "run pgfly check's checks on what run derives from DATABASE_URL (upstream, primary), print them and exit, starting nothing; the app's command may be left out")
 	fs.bindEnv("check", "PGFLY_RUN_CHECK")
+	c.checkFlags.register(fs)
 }
 
 const runUsage = `Usage: pgfly run [flags] -- CMD [ARGS...]
@@ -125,17 +127,17 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	c.log = log
 	if c.argv == nil && !c.cfg.check {
 		fs.Usage()
-		return errors.New("pgfly run needs the app's command after --, e.g. pgfly run -- bin/rails server")
+		return usage(errors.New("pgfly run needs the app's command after --, e.g. pgfly run -- bin/rails server"))
 	}
 	c.original = os.Getenv("DATABASE_URL")
 	if c.original == "" {
-		return errors.New("$DATABASE_URL is not set: pgfly run rewrites the app's DATABASE_URL to point at pgfly, so set it to the URL the app would use without pgfly (on Fly, `fly postgres attach` sets it)")
+		return usage(errors.New("$DATABASE_URL is not set: pgfly run rewrites the app's DATABASE_URL to point at pgfly, so set it to the URL the app would use without pgfly (on Fly, `fly postgres attach` sets it)"))
 	}
 	if c.cfg.socket && !filepath.IsAbs(c.cfg.listen) {
 		listenSet := false
 		fs.Visit(func(f *flag.Flag) { listenSet = listenSet || f.Name == "listen" })
 		if listenSet { // on the command line or in $PGFLY_LISTEN
-			return fmt.Errorf("flag --socket puts the app on a Unix socket, and --listen %s is not a directory: give --listen a directory, or leave it unset for a private one", c.cfg.listen)
+			return usage(fmt.Errorf("flag --socket puts the app on a Unix socket, and --listen %s is not a directory: give --listen a directory, or leave it unset for a private one", c.cfg.listen))
 		}
 		dir, err := os.MkdirTemp("", "pgfly-") // 0700: the app runs as pgfly's user
 		if err != nil {
@@ -146,12 +148,15 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	}
 	sc, app, how, err := c.cfg.resolve(c.original)
 	if err != nil {
-		return err
+		return usage(err)
 	}
 	c.appAddr = hostPort(app)
 	_, c.appPort, _ = net.SplitHostPort(c.appAddr)
 	if c.cfg.check {
-		t := serveTarget(&c.cfg.serveConfig, sc, "")
+		if err := validate(fs, sc); err != nil {
+			return err
+		}
+		t := serveTarget(&c.cfg.serveConfig, sc, c.cfg.checkFlags.flyToml)
 		t.DatabaseURLBy, t.AppStarted = "pgfly run", false
 		c.target = &t
 		return nil
@@ -174,7 +179,7 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 
 func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	if c.target != nil {
-		return report(c.stdout, runChecks(ctx, *c.target), checkFlags{})
+		return checkUntilSignal(ctx, sigs, c.stdout, *c.target, c.cfg.checkFlags)
 	}
 	cmd := exec.Command(c.argv[0], c.argv[1:]...)
 	cmd.Env = childEnv(os.Environ(), c.dbURL, c.appPort)
@@ -542,12 +547,17 @@ func redact(s string) string {
 	if u.Scheme == "" { // keyword/value form, e.g. "host=db password=secret"
 		return keywordPassword.ReplaceAllString(s, "${1}xxxxx")
 	}
-	if q := u.Query(); q.Has("password") {
-		q.Set("password", "xxxxx")
+	if q := u.Query(); q.Has("password") || q.Has("sslpassword") {
+		for _, k := range []string{"password", "sslpassword"} {
+			if q.Has(k) {
+				q.Set(k, "xxxxx")
+			}
+		}
 		u.RawQuery = q.Encode()
 	}
 	return u.Redacted()
 }
 
-// keywordPassword matches the password of a keyword/value connection string, quoted or not.
-var keywordPassword = regexp.MustCompile(`(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)
+// keywordPassword matches the password (or the client key's, sslpassword) of a keyword/value
+// connection string, quoted or not.
+var keywordPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)

@@ -369,6 +369,8 @@ func TestRedact(t *testing.T) {
 		{name: "keyword/value password", in: "host=db user=app password=s3cret dbname=app", want: "host=db user=app password=xxxxx dbname=app"},
 		{name: "keyword/value quoted password", in: "host=db password = 'a b\\' s3cret' dbname=app", want: "host=db password = xxxxx dbname=app"},
 		{name: "no password", in: "postgres://app@db/app", want: "postgres://app@db/app"},
+		{name: "the client key's password, keyword/value", in: "host=db sslpassword=s3cret user=app", want: "host=db sslpassword=xxxxx user=app"},
+		{name: "the client key's password, URL", in: "postgres://app@db/app?sslpassword=s3cret", want: "postgres://app@db/app?sslpassword=xxxxx"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -312,7 +312,7 @@ func (c *serveCommand) open(fs *flagSet, log *zap.Logger) error {
 	c.log = log
 	sc, err := c.cfg.sidecarConfig()
 	if err != nil {
-		return err
+		return usage(err)
 	}
 	c.pgfly, err = openSidecar(fs, sc, log)
 	return err
@@ -325,11 +325,11 @@ func (c *serveCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 func (c *serveCommand) close() error { return closeSidecar(c.pgfly, c.log) }
 
 // openSidecar builds pgfly from sc and binds its listeners; a field a component refuses comes
-// back naming its flag.
+// back naming its flag, as the command line's error.
 func openSidecar(fs *flagSet, sc sidecar.Config, log *zap.Logger) (*sidecar.Sidecar, error) {
 	pgfly, err := sidecar.New(sc, log)
 	if err != nil {
-		return nil, flagError(fs, err)
+		return nil, usage(flagError(fs, err))
 	}
 	if err := pgfly.Listen(); err != nil {
 		return nil, err
