@@ -230,13 +230,10 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 	appTransport := newTransport()
 	appTransport.ResponseHeaderTimeout = s.timeouts.app
 	s.transports = append(s.transports, appTransport)
-	// No FlushInterval: ReverseProxy flushes every write of a streamed response (one without
-	// a Content-Length, or server-sent events) by itself. A response of known length goes
-	// through net/http's write buffer; flushing each of its writes (FlushInterval -1) cost a
-	// timer, a goroutine and a second write to the client per request, the headers on their own.
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:        s.rewrite,
 		Transport:      appTransport,
+		FlushInterval:  flushInterval,
 		BufferPool:     copyBuffers{},
 		ModifyResponse: s.modifyResponse,
 		ErrorHandler:   s.appFailed,
@@ -247,14 +244,23 @@ func New(cfg Config, log *zap.Logger) (*Shim, error) {
 		primaryTransport := newTransport()
 		s.transports = append(s.transports, primaryTransport)
 		s.primaryProxy = &httputil.ReverseProxy{
-			Rewrite:      s.rewriteToPrimary,
-			Transport:    primaryTransport,
-			BufferPool:   copyBuffers{},
-			ErrorHandler: s.primaryFailed,
+			Rewrite:       s.rewriteToPrimary,
+			Transport:     primaryTransport,
+			FlushInterval: flushInterval,
+			BufferPool:    copyBuffers{},
+			ErrorHandler:  s.primaryFailed,
 		}
 	}
 	return s, nil
 }
+
+// flushInterval bounds how long bytes the app has sent may wait in the shim's write buffer.
+// ReverseProxy flushes every write of a streamed response (no Content-Length, or server-sent
+// events) by itself; a response of known length whose app stalls mid-body (a long poll, a
+// progress download) reaches the client within this. -1, a flush per write, cost a goroutine
+// and a write of its own for the headers of every response; this costs a timer (5
+// allocations), and a response written at once within the interval no flush of its own.
+const flushInterval = 10 * time.Millisecond
 
 func newTransport() *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()

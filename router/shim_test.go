@@ -1474,3 +1474,34 @@ func TestDecisionsSayWhichRequest(t *testing.T) {
 		}
 	})
 }
+
+// TestStalledResponseOfKnownLengthReachesTheClient: what the app has sent of a response with a
+// Content-Length reaches the client while the app stalls (a long poll, a progress download),
+// not only when it finishes.
+func TestStalledResponseOfKnownLengthReachesTheClient(t *testing.T) {
+	release := make(chan struct{})
+	h := start(t, replicaRegion(), func(*router.Shim) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "10")
+			io.WriteString(w, "first")
+			http.NewResponseController(w).Flush()
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+			io.WriteString(w, "-last")
+		})
+	})
+	defer close(release)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := h.client.Do(h.newRequest(t, http.MethodGet, "/poll", nil, nil).WithContext(ctx))
+	if err != nil {
+		t.Fatalf("no headers while the app stalls: %v", err)
+	}
+	defer resp.Body.Close()
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != "first" {
+		t.Fatalf("while the app stalls: read %q, %v; want the 5 bytes it sent", got, err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -150,10 +151,16 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if cfg.UnixPort < 0 || cfg.UnixPort > 65535 {
 		return nil, &ConfigError{"UnixPort", fmt.Errorf("%d is not a port (1 to 65535)", cfg.UnixPort)}
 	}
-	if isDir(cfg.Listen) {
+	switch {
+	case isDir(cfg.Listen):
 		if fi, err := os.Stat(cfg.Listen); err != nil || !fi.IsDir() {
 			return nil, &ConfigError{"Listen", fmt.Errorf("%s is not a directory: a Unix socket goes in an existing directory (or give host:port)", cfg.Listen)}
 		}
+		if p := UnixSocket(cfg.Listen, cfg.UnixPort); len(p) > maxUnixPath {
+			return nil, &ConfigError{"Listen", fmt.Errorf("the socket's path %s is %d bytes, over the %d a Unix socket's name can hold: use a shorter directory", p, len(p), maxUnixPath)}
+		}
+	case strings.ContainsRune(cfg.Listen, '/'):
+		return nil, &ConfigError{"Listen", fmt.Errorf("%s: a Unix socket's directory must be an absolute path (or give host:port)", cfg.Listen)}
 	}
 	if cfg.Upstream == "" {
 		return nil, &ConfigError{"Upstream", errors.New("is required")}
@@ -204,6 +211,10 @@ func (s *Server) Listen() error {
 	return nil
 }
 
+// maxUnixPath is the longest path a Unix socket's address holds on Linux (sun_path is 108
+// bytes, with its terminating NUL).
+const maxUnixPath = 107
+
 // isDir reports whether a Listen value names a directory (a Unix socket) rather than host:port.
 func isDir(listen string) bool { return filepath.IsAbs(listen) }
 
@@ -212,27 +223,85 @@ func UnixSocket(dir string, port int) string {
 	return filepath.Join(dir, ".s.PGSQL."+strconv.Itoa(port))
 }
 
-// listenUnix listens on a Unix socket at path. A socket file left there by a process that
-// died is removed; one that still answers is in use, and an error says so. Closing the
-// listener removes the file.
+// listenUnix listens on a Unix socket at path, as Postgres does: it first takes an exclusive
+// lock on <path>.lock, held for the listener's life, so that two servers starting at once
+// cannot both take the path. A socket file whose listener refuses a connection (ECONNREFUSED:
+// its process died) is removed; one that answers, or fails otherwise (a full backlog is
+// EAGAIN), is in use. The socket is made 0777, as Postgres's unix_socket_permissions default,
+// leaving access to the directory's permissions. Closing the listener removes the socket, if
+// it is still the one this listener made, and the lock file.
 func listenUnix(path string) (net.Listener, error) {
+	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("listen %s: %w (another pgfly listens there: it holds %s.lock)", path, syscall.EADDRINUSE, path)
+	}
+	ln, err := bindUnix(path)
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		ln.Close()
+		lock.Close()
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	return &unixListener{UnixListener: ln, path: path, file: fi, lock: lock}, nil
+}
+
+// bindUnix binds path, replacing a stale socket left there.
+func bindUnix(path string) (*net.UnixListener, error) {
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("listen %s: a file that is not a socket is in the way", path)
 		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
 			c.Close()
-			return nil, fmt.Errorf("listen %s: %w (another pgfly or Postgres listens there)", path, syscall.EADDRINUSE)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("listen %s: %w (a server listens there)", path, syscall.EADDRINUSE)
 		}
 		if err := os.Remove(path); err != nil {
 			return nil, fmt.Errorf("listen %s: remove the stale socket: %w", path, err)
 		}
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}
+	ln.SetUnlinkOnClose(false) // Close removes the file only if it is still ours
+	if err := os.Chmod(path, 0o777); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
 	return ln, nil
+}
+
+// unixListener is a Unix-socket listener with the lock that reserves its path.
+type unixListener struct {
+	*net.UnixListener
+	path string
+	file os.FileInfo // the socket as bound, to tell it from one another server put there since
+	lock *os.File
+	once sync.Once
+}
+
+func (l *unixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() {
+		if fi, serr := os.Stat(l.path); serr == nil && os.SameFile(fi, l.file) {
+			os.Remove(l.path)
+		}
+		os.Remove(l.path + ".lock") // while still holding the lock
+		l.lock.Close()
+	})
+	return err
 }
 
 // Addr is the address the server listens on; nil before Listen.

@@ -28,8 +28,8 @@ func TestUnixSocket(t *testing.T) {
 	dir := t.TempDir()
 	r := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Listen: dir, UnixPort: 6543})
 	sock := filepath.Join(dir, ".s.PGSQL.6543")
-	if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 {
-		t.Fatalf("stat %s: %v (mode %v), want a socket", sock, err, fi)
+	if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o777 {
+		t.Fatalf("stat %s: %v (mode %v), want a socket, 0777 as Postgres makes its own", sock, err, fi)
 	}
 	if got := r.Addr().String(); got != sock {
 		t.Errorf("Addr: got %q, want %q", got, sock)
@@ -60,8 +60,10 @@ func TestUnixSocket(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("stat %s after Close: %v, want it removed", sock, err)
+	for _, f := range []string{sock, sock + ".lock"} {
+		if _, err := os.Lstat(f); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("stat %s after Close: %v, want it removed", f, err)
+		}
 	}
 }
 
@@ -96,8 +98,26 @@ func TestUnixSocketInTheWay(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	if err := listen(live); err == nil || !strings.Contains(err.Error(), "another pgfly or Postgres listens there") {
+	if err := listen(live); err == nil || !strings.Contains(err.Error(), "a server listens there") {
 		t.Errorf("Listen over a live socket: %v, want an error saying it is in use", err)
+	}
+
+	// Two relays on one directory: the second is refused by the first's lock, and leaves the
+	// first's socket alone.
+	shared := t.TempDir()
+	first, err := wire.NewServer(wire.Config{Listen: shared, Upstream: upstream}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if err := listen(shared); err == nil || !strings.Contains(err.Error(), "another pgfly listens there") {
+		t.Errorf("a second Listen on one directory: %v, want it refused by the lock", err)
+	}
+	if _, err := os.Stat(wire.UnixSocket(shared, wire.DefaultUnixPort)); err != nil {
+		t.Errorf("the first relay's socket after the second was refused: %v", err)
 	}
 
 	file := t.TempDir()
@@ -108,8 +128,15 @@ func TestUnixSocketInTheWay(t *testing.T) {
 		t.Errorf("Listen over a plain file: %v, want an error saying so", err)
 	}
 
-	var ce *wire.ConfigError
-	if err := listen(filepath.Join(t.TempDir(), "missing")); !errors.As(err, &ce) || ce.Field != "Listen" {
-		t.Errorf("Listen in a missing directory: %v, want a ConfigError for Listen", err)
+	long := filepath.Join(t.TempDir(), strings.Repeat("d", 100))
+	if err := os.Mkdir(long, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, dir := range map[string]string{"a missing directory": filepath.Join(t.TempDir(), "missing"),
+		"a relative directory": "./sock", "a path too long for a socket": long} {
+		var ce *wire.ConfigError
+		if err := listen(dir); !errors.As(err, &ce) || ce.Field != "Listen" {
+			t.Errorf("Listen in %s: %v, want a ConfigError for Listen", name, err)
+		}
 	}
 }

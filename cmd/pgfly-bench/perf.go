@@ -41,14 +41,11 @@ func firstLine(s string) string {
 	return line
 }
 
-// withPerf wraps cmd so that perf counts pid's events while cmd runs, into the file it
-// returns; perf passes cmd's output through.
-func withPerf(perf string, pid int, dir string, cmd *exec.Cmd) (*exec.Cmd, string) {
+// withPerf is the command line args run under perf, which counts pid's events while it runs
+// into the file it returns and passes its output through.
+func withPerf(ctx context.Context, perf string, pid int, dir string, args []string) (*exec.Cmd, string) {
 	out := filepath.Join(dir, "perf.csv")
-	args := append([]string{"stat", "-x,", "-e", perfEvents, "-p", strconv.Itoa(pid), "-o", out, "--", cmd.Path}, cmd.Args[1:]...)
-	wrapped := exec.CommandContext(context.Background(), perf, args...)
-	wrapped.Env, wrapped.Dir = cmd.Env, cmd.Dir
-	return wrapped, out
+	return exec.CommandContext(ctx, perf, append([]string{"stat", "-x,", "-e", perfEvents, "-p", strconv.Itoa(pid), "-o", out, "--"}, args...)...), out
 }
 
 // readPerf reads perf stat's CSV (-x,): count,unit,event,...; task-clock is in milliseconds.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -153,11 +154,17 @@ func checkUntilSignal(ctx context.Context, sigs <-chan os.Signal, w io.Writer, t
 	defer cancel()
 	interrupted := make(chan struct{})
 	go func() {
-		select {
-		case <-sigs:
-			close(interrupted)
-			cancel()
-		case <-ctx.Done():
+		for {
+			select {
+			case sig := <-sigs: // pgfly run passes others on to an app; here only these stop
+				if sig != syscall.SIGTERM && sig != syscall.SIGINT {
+					continue
+				}
+				close(interrupted)
+				cancel()
+			case <-ctx.Done():
+			}
+			return
 		}
 	}()
 	results := runChecks(ctx, t)

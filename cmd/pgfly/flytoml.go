@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"slices"
 	"strconv"
@@ -48,6 +49,9 @@ type flyTomlFile struct {
 	} `toml:"checks"`
 }
 
+// flyDefaultInternalPort is [http_service]'s internal_port when fly.toml leaves it out.
+const flyDefaultInternalPort = 8080
+
 // flyPort is one of a service's public ports.
 type flyPort struct {
 	Handlers []string `toml:"handlers"`
@@ -62,6 +66,9 @@ func readFlyToml(path string) (flyToml, error) {
 	}
 	var ft flyToml
 	if hs := f.HTTPService; hs != nil {
+		if hs.InternalPort == 0 {
+			hs.InternalPort = flyDefaultInternalPort
+		}
 		ft.servicePorts = append(ft.servicePorts, hs.InternalPort)
 		for _, c := range hs.Checks {
 			ft.checks = append(ft.checks, flyCheck{where: "[[http_service.checks]]", port: hs.InternalPort, path: c.Path})
@@ -76,8 +83,8 @@ func readFlyToml(path string) (flyToml, error) {
 			ft.checks = append(ft.checks, flyCheck{where: "[[services.http_checks]]", port: svc.InternalPort, path: c.Path})
 		}
 	}
-	for name, c := range f.Checks {
-		if c.Type == "http" {
+	for _, name := range slices.Sorted(maps.Keys(f.Checks)) { // in a stable order
+		if c := f.Checks[name]; c.Type == "http" {
 			ft.checks = append(ft.checks, flyCheck{where: "[checks." + name + "]", port: c.Port, path: c.Path})
 		}
 	}

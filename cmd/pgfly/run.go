@@ -447,6 +447,9 @@ func appDatabaseURL(original, pgflyAddr string, tls bool) (string, error) {
 	if filepath.IsAbs(pgflyAddr) {
 		dir, name := filepath.Split(pgflyAddr)
 		u.Host = ""
+		if u.Path == "" {
+			u.Path = "/" // so that the URL keeps its "//": postgres:///?host=...
+		}
 		q.Set("host", filepath.Clean(dir))
 		q.Set("port", strings.TrimPrefix(name, ".s.PGSQL."))
 	}
