@@ -475,3 +475,31 @@ func TestLongAnswersOutliveTheTimeouts(t *testing.T) {
 		}
 	})
 }
+
+// TestBodyTimeoutSparesRequestsWithoutABody: a request with no body has nothing for the body
+// timeout to bound. A GET whose answer outlives it (server-sent events, a long download) keeps
+// its connection and context, and the next request on that keep-alive connection is served.
+func TestBodyTimeoutSparesRequestsWithoutABody(t *testing.T) {
+	const events = 4
+	cfg := replicaRegion()
+	cfg.BodyTimeout = 200 * time.Millisecond
+	h := start(t, cfg, func(*router.Shim) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/events" {
+				io.WriteString(w, appBody)
+				return
+			}
+			w.Header().Set("Content-Type", "text/event-stream")
+			for i := range events {
+				fmt.Fprintf(w, "data: %d\n\n", i)
+				http.NewResponseController(w).Flush()
+				time.Sleep(100 * time.Millisecond) // 400 ms in all, twice the body timeout
+			}
+		})
+	})
+	got := h.send(t, http.MethodGet, "/events", nil, nil)
+	if n := strings.Count(got.body, "data: "); got.status != http.StatusOK || n != events {
+		t.Fatalf("GET /events: got %d with %d events, want 200 with all %d: %q", got.status, n, events, got.body)
+	}
+	wantAppReply(t, h.send(t, http.MethodGet, "/next", nil, nil), http.StatusOK)
+}
