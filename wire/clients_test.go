@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" database/sql driver
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/wire"
 )
 
 func TestDatabaseSQLClient(t *testing.T) {
@@ -238,5 +241,52 @@ func TestPgbenchClient(t *testing.T) {
 	}
 	if history != 400 || drift != 0 {
 		t.Errorf("history rows, branch balance drift: got %d, %d, want 400, 0", history, drift)
+	}
+}
+
+// TestNodePostgresClient runs node-postgres (wire/testdata/node, installed there by `npm ci`,
+// which .ci/run does) through the relay over TCP and over a Unix socket, given as node-postgres
+// takes one: the directory as the host.
+func TestNodePostgresClient(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Fatalf("node is needed for this test (apt-get install -y nodejs): %v", err)
+	}
+	dir, _ := filepath.Abs(filepath.Join("testdata", "node"))
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "pg")); err != nil {
+		t.Fatalf("node-postgres is not installed in %s: run `npm ci --prefix %s` (.ci/run does): %v", dir, dir, err)
+	}
+	socketDir := t.TempDir()
+	tcp := primaryRelay(t)
+	startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Listen: socketDir, UnixPort: 6544})
+	for name, url := range map[string]string{
+		"tcp":         tcp.url(pgcluster.RoleSCRAM),
+		"unix socket": "postgres://" + pgcluster.RoleSuperuser.Name + "@/" + pgcluster.Database + "?host=" + socketDir + "&port=6544",
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, node, filepath.Join(dir, "client.js"))
+			cmd.Env = append(os.Environ(), "DATABASE_URL="+url)
+			out, err := cmd.Output()
+			if err != nil {
+				var stderr []byte
+				if ee, ok := err.(*exec.ExitError); ok {
+					stderr = ee.Stderr
+				}
+				t.Fatalf("node client.js: %v\n%s", err, stderr)
+			}
+			var got struct {
+				Simple, Params, Named, NamedAgain, InTransaction, AfterError int
+				Error                                                        string
+			}
+			if err := json.Unmarshal(out, &got); err != nil {
+				t.Fatalf("decode %q: %v", out, err)
+			}
+			if got.Simple != 42 || got.Params != 42 || got.Named != 42 || got.NamedAgain != 8 || got.InTransaction != 2 ||
+				got.Error != "22012" || got.AfterError != 7 {
+				t.Errorf("got %+v, want 42, 42, 42, 8, 2 rows, error 22012 (division by zero), then 7", got)
+			}
+		})
 	}
 }
