@@ -479,9 +479,7 @@ func sameAddr(hostport, listen string) bool {
 	if err != nil || p != lp {
 		return false
 	}
-	loop := func(s string) bool {
-		return s == "" || s == "localhost" || net.ParseIP(s) != nil && net.ParseIP(s).IsLoopback()
-	}
+	loop := func(s string) bool { return s == "" || isLoopbackHost(s) }
 	return h == lh || loop(h) && (loop(lh) || lh == "0.0.0.0" || lh == "::")
 }
 

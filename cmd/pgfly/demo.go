@@ -303,7 +303,7 @@ func runScenario(ctx context.Context, s *regions.Setup, tr *trace, w io.Writer) 
 		if strings.Contains(a.trail, ">") {
 			fmt.Fprintf(w, "   replayed: yes, %s: %s\n", a.trail, a.replayReason)
 		} else {
-			fmt.Fprintf(w, "   replayed: no, %s\n", a.servedBecause(replica))
+			fmt.Fprintf(w, "   replayed: no, %s\n", servedReason(primary, replica, a.events))
 		}
 		if a.bookmark != "" {
 			fmt.Fprintf(w, "   bookmark: %s=%s, the primary's WAL position after this write (@ its timeline : its system)\n", router.BookmarkCookie, a.bookmark)
@@ -368,12 +368,17 @@ func scenarioRequest(ctx context.Context, client *http.Client, tr *trace, edgeUR
 	return a, nil
 }
 
-// servedBecause says why a request that was not replayed could run where it ran.
-func (a *answer) servedBecause(region string) string {
-	for _, ev := range a.events {
-		if ev.Wait != nil && ev.Wait.Outcome == router.WaitCaughtUp {
-			return fmt.Sprintf("it carried the bookmark of the write and the replica in %s had replayed it, so %s served it", region, region)
+// servedReason says why a request that was not replayed could run in region, from its
+// events; the transcript and the live page say it the same way.
+func servedReason(primary, region string, events []regions.Event) string {
+	for _, ev := range events {
+		if w := ev.Wait; w != nil && ev.Region == region && w.Outcome == router.WaitCaughtUp {
+			return fmt.Sprintf("it carried the bookmark of a write and the replica in %s had replayed it after %s, so %s served it",
+				region, duration(w.Waited), region)
 		}
+	}
+	if region == primary {
+		return fmt.Sprintf("it was sent to %s, the primary region, where writes succeed: nothing to replay", region)
 	}
 	return fmt.Sprintf("nothing in it wrote, so the replica in %s served it", region)
 }

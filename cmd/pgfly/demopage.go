@@ -203,16 +203,7 @@ func (t *requestTrail) servedWhy(r *trailRow, h edge.Hop) string {
 	if why := t.refusedWhy(r, h); why != "" {
 		return why
 	}
-	for _, ev := range r.events {
-		if w := ev.Wait; w != nil && ev.Region == h.To && w.Outcome == router.WaitCaughtUp {
-			return fmt.Sprintf("it carried the bookmark of a write and the replica in %s had replayed it after %s, so %s served it",
-				h.To, duration(w.Waited), h.To)
-		}
-	}
-	if h.To == t.primary {
-		return fmt.Sprintf("it was sent to %s, the primary region, where writes succeed: nothing to replay", h.To)
-	}
-	return fmt.Sprintf("nothing in it wrote, so the replica in %s served it", h.To)
+	return servedReason(t.primary, h.To, r.events)
 }
 
 // refusedWhy explains a decision in hop h's region that was not a replay: "" when there is none.

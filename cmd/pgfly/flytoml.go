@@ -151,9 +151,11 @@ func flyTomlChecks(t checkTarget, add adder) {
 // isLoopback reports a listen address on a loopback host (127.0.0.1, ::1, localhost).
 func isLoopback(addr string) bool {
 	h, _, err := net.SplitHostPort(addr)
-	if err != nil || h == "" {
-		return false
-	}
+	return err == nil && isLoopbackHost(h)
+}
+
+// isLoopbackHost reports a loopback host name or address.
+func isLoopbackHost(h string) bool {
 	ip := net.ParseIP(h)
 	return h == "localhost" || ip != nil && ip.IsLoopback()
 }
