@@ -1493,7 +1493,7 @@ func TestStalledResponseOfKnownLengthReachesTheClient(t *testing.T) {
 		})
 	})
 	defer close(release)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	resp, err := h.client.Do(h.newRequest(t, http.MethodGet, "/poll", nil, nil).WithContext(ctx))
 	if err != nil {

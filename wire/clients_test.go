@@ -258,11 +258,15 @@ func TestNodePostgresClient(t *testing.T) {
 	}
 	socketDir := t.TempDir()
 	tcp := primaryRelay(t)
-	startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Listen: socketDir, UnixPort: 6544})
-	for name, url := range map[string]string{
-		"tcp":         tcp.url(pgcluster.RoleSCRAM),
-		"unix socket": "postgres://" + pgcluster.RoleSuperuser.Name + "@/" + pgcluster.Database + "?host=" + socketDir + "&port=6544",
+	unix := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Listen: socketDir, UnixPort: 6544})
+	for name, c := range map[string]struct {
+		relay *relay
+		url   string
+	}{
+		"tcp":         {tcp, tcp.url(pgcluster.RoleSCRAM)},
+		"unix socket": {unix, "postgres://" + pgcluster.RoleSuperuser.Name + "@/" + pgcluster.Database + "?host=" + socketDir + "&port=6544"},
 	} {
+		url := c.url
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
@@ -286,6 +290,9 @@ func TestNodePostgresClient(t *testing.T) {
 			if got.Simple != 42 || got.Params != 42 || got.Named != 42 || got.NamedAgain != 8 || got.InTransaction != 2 ||
 				got.Error != "22012" || got.AfterError != 7 {
 				t.Errorf("got %+v, want 42, 42, 42, 8, 2 rows, error 22012 (division by zero), then 7", got)
+			}
+			if n := len(c.relay.events.Opened()); n != 1 {
+				t.Errorf("the relay saw %d sessions, want node-postgres's one", n)
 			}
 		})
 	}

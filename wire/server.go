@@ -211,6 +211,9 @@ func (s *Server) Listen() error {
 	return nil
 }
 
+// unixLockSuffix names the lock file beside a Unix socket.
+const unixLockSuffix = ".pgfly-lock"
+
 // maxUnixPath is the longest path a Unix socket's address holds on Linux (sun_path is 108
 // bytes, with its terminating NUL).
 const maxUnixPath = 107
@@ -224,20 +227,24 @@ func UnixSocket(dir string, port int) string {
 }
 
 // listenUnix listens on a Unix socket at path, as Postgres does: it first takes an exclusive
-// lock on <path>.lock, held for the listener's life, so that two servers starting at once
-// cannot both take the path. A socket file whose listener refuses a connection (ECONNREFUSED:
+// lock on <path>.pgfly-lock (not Postgres's own <path>.lock, whose empty leftover would stop a
+// Postgres from starting), held for the listener's life and never removed, so that two
+// servers starting at once, or one starting as another stops, cannot both take the path. A socket file whose listener refuses a connection (ECONNREFUSED:
 // its process died) is removed; one that answers, or fails otherwise (a full backlog is
 // EAGAIN), is in use. The socket is made 0777, as Postgres's unix_socket_permissions default,
 // leaving access to the directory's permissions. Closing the listener removes the socket, if
-// it is still the one this listener made, and the lock file.
+// it is still the one this listener made, and releases the lock.
 func listenUnix(path string) (net.Listener, error) {
-	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := os.OpenFile(path+unixLockSuffix, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("listen %s: %w (another pgfly listens there: it holds %s.lock)", path, syscall.EADDRINUSE, path)
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("listen %s: %w (another pgfly listens there: it holds %s%s)", path, syscall.EADDRINUSE, path, unixLockSuffix)
+		}
+		return nil, fmt.Errorf("listen %s: lock %s%s: %w", path, path, unixLockSuffix, err)
 	}
 	ln, err := bindUnix(path)
 	if err != nil {
@@ -298,8 +305,8 @@ func (l *unixListener) Close() error {
 		if fi, serr := os.Stat(l.path); serr == nil && os.SameFile(fi, l.file) {
 			os.Remove(l.path)
 		}
-		os.Remove(l.path + ".lock") // while still holding the lock
-		l.lock.Close()
+		l.lock.Close() // the file stays: removing it would let two starters lock two files
+
 	})
 	return err
 }

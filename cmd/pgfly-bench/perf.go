@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // perfEvents are the kernel software counters of a proxy that section 1 reads per
@@ -43,9 +44,13 @@ func firstLine(s string) string {
 
 // withPerf is the command line args run under perf, which counts pid's events while it runs
 // into the file it returns and passes its output through.
+// Cancelling ctx interrupts perf, which then stops what it runs; SIGKILL would leave it running.
 func withPerf(ctx context.Context, perf string, pid int, dir string, args []string) (*exec.Cmd, string) {
 	out := filepath.Join(dir, "perf.csv")
-	return exec.CommandContext(ctx, perf, append([]string{"stat", "-x,", "-e", perfEvents, "-p", strconv.Itoa(pid), "-o", out, "--"}, args...)...), out
+	cmd := exec.CommandContext(ctx, perf, append([]string{"stat", "-x,", "-e", perfEvents, "-p", strconv.Itoa(pid), "-o", out, "--"}, args...)...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	cmd.WaitDelay = 10 * time.Second
+	return cmd, out
 }
 
 // readPerf reads perf stat's CSV (-x,): count,unit,event,...; task-clock is in milliseconds.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -66,6 +67,7 @@ type checkTarget struct {
 	// when something does, so that it is not checked.
 	DatabaseURL   string
 	Listen        string
+	UnixPort      int // the port in the socket's name when Listen is a directory
 	DatabaseURLBy string
 	// AppStarted is false when the app is not running yet (pgfly run --check): not checked.
 	AppStarted bool
@@ -179,7 +181,7 @@ func checkUntilSignal(ctx context.Context, sigs <-chan os.Signal, w io.Writer, t
 // serveTarget is what serve would run, as the checks see it.
 func serveTarget(c *serveConfig, sc sidecar.Config, flyToml string) checkTarget {
 	t := checkTarget{Region: c.region, PrimaryRegion: c.primaryRegion, Upstream: sc.Relay.Upstream, Primary: sc.Lag.Primary,
-		AdminListen: c.adminListen, MaxLag: c.maxLag, DatabaseURL: os.Getenv("DATABASE_URL"), Listen: c.listen,
+		AdminListen: c.adminListen, MaxLag: c.maxLag, DatabaseURL: os.Getenv("DATABASE_URL"), Listen: c.listen, UnixPort: c.unixPort,
 		AppStarted: true, FlyToml: flyToml, Env: os.Getenv}
 	if sc.Shim != nil {
 		t.App, t.HTTPListen = sc.Shim.App, c.httpListen
@@ -451,12 +453,13 @@ func appChecks(ctx context.Context, t checkTarget, add adder) {
 		case err != nil || u.Host == "" && !filepath.IsAbs(socketDir):
 			add("database url", verdictWarn, "", "$DATABASE_URL is not a URL with a host: not checked")
 			return
-		case filepath.IsAbs(socketDir) && filepath.IsAbs(t.Listen) && filepath.Clean(socketDir) == filepath.Clean(t.Listen):
+		case filepath.IsAbs(socketDir) && filepath.IsAbs(t.Listen) && filepath.Clean(socketDir) == filepath.Clean(t.Listen) &&
+			portOr5432(u.Query().Get("port")) == portOr5432(strconv.Itoa(t.UnixPort)):
 			add("database url", verdictOK, "", "$DATABASE_URL points at pgfly's Unix socket in %s", t.Listen)
 			return
 		case filepath.IsAbs(socketDir):
-			add("database url", verdictFail, fmt.Sprintf("point the app's DATABASE_URL at pgfly, %s", t.Listen),
-				"$DATABASE_URL points at the Unix socket in %s, not at pgfly", socketDir)
+			add("database url", verdictFail, fmt.Sprintf("point the app's DATABASE_URL at pgfly, host=%s&port=%s", t.Listen, portOr5432(strconv.Itoa(t.UnixPort))),
+				"$DATABASE_URL points at the Unix socket in %s, port %s, not at pgfly", socketDir, portOr5432(u.Query().Get("port")))
 			return
 		}
 		if sameAddr(u.Host, t.Listen) {
@@ -466,6 +469,14 @@ func appChecks(ctx context.Context, t checkTarget, add adder) {
 		add("database url", verdictFail, fmt.Sprintf("point the app's DATABASE_URL at pgfly, host %s (pgfly run does it)", t.Listen),
 			"$DATABASE_URL points at %s, not at pgfly: the app's writes fail on the replica, or every read crosses regions", u.Host)
 	}
+}
+
+// portOr5432 is a port as libpq reads it: 5432 when it is not given.
+func portOr5432(p string) string {
+	if p == "" || p == "0" {
+		return "5432"
+	}
+	return p
 }
 
 // sameAddr reports whether a host:port names the address pgfly listens on (a listener on

@@ -127,6 +127,14 @@ func TestCheck(t *testing.T) {
 			t.Errorf("exit status %d with a warning and --strict, want 1", strict.code)
 		}
 	})
+	t.Run("an app DATABASE_URL on a Unix socket: its directory and its port must be pgfly's", func(t *testing.T) {
+		dir := t.TempDir()
+		flags := append(replicaRegion, "--upstream", replica, "--primary", primary, "--listen", dir, "--unix-port", "6000")
+		got := runCheck(t, []string{"DATABASE_URL=postgres://app@/app?host=" + dir + "&port=6000"}, flags...)
+		got.want(t, "database url", verdictOK, "pgfly's Unix socket in "+dir)
+		got = runCheck(t, []string{"DATABASE_URL=postgres://app@/app?host=" + dir}, flags...) // port 5432
+		got.want(t, "database url", verdictFail, "port 5432, not at pgfly")
+	})
 	t.Run("an app DATABASE_URL that points at the database", func(t *testing.T) {
 		got := runCheck(t, []string{"DATABASE_URL=" + replica}, append(replicaRegion, "--upstream", replica, "--primary", primary)...)
 		got.want(t, "database url", verdictFail, "not at pgfly")

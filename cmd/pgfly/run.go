@@ -188,6 +188,14 @@ func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	// app (a shell wrapper's children too) exactly once, even when a terminal also sent it
 	// to pgfly's group.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	select {
+	case sig := <-sigs: // a stop asked for while pgfly was starting: the app never starts
+		if sig == syscall.SIGTERM || sig == syscall.SIGINT {
+			c.log.Info("stopped before the app started", zap.Stringer("signal", sig))
+			return exitError{128 + int(sig.(syscall.Signal))}
+		}
+	default:
+	}
 	c.pgfly.Start()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start the app: %w", err)
@@ -563,4 +571,4 @@ func redact(s string) string {
 
 // keywordPassword matches the password (or the client key's, sslpassword) of a keyword/value
 // connection string, quoted or not.
-var keywordPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)
+var keywordPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)*)`)

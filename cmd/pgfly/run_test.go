@@ -370,6 +370,7 @@ func TestRedact(t *testing.T) {
 		{name: "URL user password", in: "postgres://app:s3cret@db:5432/app", want: "postgres://app:xxxxx@db:5432/app"},
 		{name: "URL password parameter", in: "postgres://app@db/app?password=s3cret&sslmode=require", want: "postgres://app@db/app?password=xxxxx&sslmode=require"},
 		{name: "keyword/value password", in: "host=db user=app password=s3cret dbname=app", want: "host=db user=app password=xxxxx dbname=app"},
+		{name: "keyword/value password with an escaped space", in: `host=db password=a\ s3cret user=app`, want: "host=db password=xxxxx user=app"},
 		{name: "keyword/value quoted password", in: "host=db password = 'a b\\' s3cret' dbname=app", want: "host=db password = xxxxx dbname=app"},
 		{name: "no password", in: "postgres://app@db/app", want: "postgres://app@db/app"},
 		{name: "the client key's password, keyword/value", in: "host=db sslpassword=s3cret user=app", want: "host=db sslpassword=xxxxx user=app"},
