@@ -166,6 +166,7 @@ type recorder struct {
 	violations []wire.ReadOnlyViolation
 	writes     []wire.WriteCommitted
 	failures   []wire.UpstreamFailure
+	forwards   []wire.Forward
 	// onReadOnly, when set, is called from ReadOnly, on the session's goroutine.
 	onReadOnly func(wire.ReadOnlyViolation)
 }
@@ -196,6 +197,19 @@ func (r *recorder) UpstreamFailed(f wire.UpstreamFailure) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.failures = append(r.failures, f)
+}
+
+func (r *recorder) Forwarded(f wire.Forward) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.forwards = append(r.forwards, f)
+}
+
+// Forwards returns a copy of the forwarding decisions seen so far.
+func (r *recorder) Forwards() []wire.Forward {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]wire.Forward(nil), r.forwards...)
 }
 
 // Failures returns a copy of the upstream failures seen so far.

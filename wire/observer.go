@@ -116,6 +116,38 @@ const (
 	FailFenced       = "fenced" // ended by Server.Fenced
 )
 
+// Forward is reported when a forwarding session (Config.Primary) is refused for being on a
+// standby and pgfly decides what to do about it, and when a session goes to the primary from
+// its start because the upstream is unreachable.
+type Forward struct {
+	SessionID uint64
+	Time      time.Time
+	User      string
+	Outcome   string // one of the Forward* outcomes
+	// Reason says why a session did not move or was answered 40001: "" for ForwardMoved.
+	Reason string
+}
+
+// Outcomes of a Forward.
+const (
+	// ForwardMoved: the session moved to the primary and its refused request ran there; the
+	// client never saw the refusal.
+	ForwardMoved = "moved"
+	// ForwardRetry: the refused request could not be re-run safely; the client was answered
+	// 40001 (serialization_failure) and the session moved to the primary, where its retry runs.
+	ForwardRetry = "retry"
+	// ForwardRefused: the session could not move (state that cannot be carried, no way to log
+	// in to the primary, the primary unreachable or in recovery); the client got the standby's
+	// refusal.
+	ForwardRefused = "refused"
+	// ForwardLimit: Config.MaxForwarded sessions were on the primary; the client was answered
+	// 53300.
+	ForwardLimit = "limit"
+	// ForwardDirect: the upstream was unreachable, so the session was relayed to the primary
+	// from its start (its client logged in to the primary itself).
+	ForwardDirect = "direct"
+)
+
 // Observer receives a relay's events. Its methods are called from session goroutines,
 // synchronously: they must be quick and safe for concurrent use. ReadOnly is called before
 // the error is forwarded, so its effects are visible before the client can react.
@@ -125,6 +157,7 @@ type Observer interface {
 	ReadOnly(ReadOnlyViolation)
 	WriteCommitted(WriteCommitted)
 	UpstreamFailed(UpstreamFailure)
+	Forwarded(Forward)
 }
 
 // NopObserver ignores every event.
@@ -135,3 +168,4 @@ func (NopObserver) SessionClosed(SessionEnd)       {}
 func (NopObserver) ReadOnly(ReadOnlyViolation)     {}
 func (NopObserver) WriteCommitted(WriteCommitted)  {}
 func (NopObserver) UpstreamFailed(UpstreamFailure) {}
+func (NopObserver) Forwarded(Forward)              {}

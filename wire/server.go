@@ -35,6 +35,9 @@ const (
 	DefaultMaxClientConn = 1000
 	// DefaultUnixPort is the port in a Unix socket's name, as Postgres's default.
 	DefaultUnixPort = 5432
+	// DefaultMaxForwarded bounds the sessions a relay keeps on the primary at once: each is a
+	// backend there, beside its replica's.
+	DefaultMaxForwarded = 100
 )
 
 // MinMaxMessageSize is the smallest Config.MaxMessageSize NewServer accepts.
@@ -82,6 +85,19 @@ type Config struct {
 	// primary instead of splitting the data. A client can still lift it with SET or BEGIN
 	// READ WRITE; it fences apps, not adversaries.
 	Fence func() bool
+	// Primary, when set, makes this a forwarding relay (see forward.go), for sessions that no
+	// HTTP request can replay (job workers, consoles, cron): a session the upstream refuses for
+	// being a hot standby moves to this Postgres URL's server at a safe point, transparently
+	// or with a retryable 40001, and a session whose upstream is unreachable is relayed to it
+	// from its start. A moved session logs in to the primary as its own user, after the
+	// upstream accepted its login, with the URL's password when the URL's user is the
+	// session's; other users get the password-less login the primary's pg_hba.conf allows, if
+	// any. Never set it on a relay behind the HTTP shim: a write forwarded inside a request
+	// that is later replayed would run twice.
+	Primary string
+	// MaxForwarded bounds the sessions on the primary at once; past it a refused session's
+	// client is answered 53300. DefaultMaxForwarded when zero; negative: no bound.
+	MaxForwarded int
 }
 
 // Server relays Postgres sessions. Create it with NewServer, then Listen and Serve.
@@ -97,7 +113,9 @@ type Server struct {
 	nextID atomic.Uint64
 	stats  stats
 	keys   cancelKeys
-	wg     sync.WaitGroup // one per live session and per cancel forward
+	// forwarded counts the sessions on the primary, under MaxForwarded.
+	forwarded atomic.Int64
+	wg        sync.WaitGroup // one per live session and per cancel forward
 
 	mu       sync.Mutex
 	starting map[net.Conn]struct{} // accepted connections not yet relaying
@@ -147,6 +165,9 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	}
 	if cfg.UnixPort == 0 {
 		cfg.UnixPort = DefaultUnixPort
+	}
+	if cfg.MaxForwarded == 0 {
+		cfg.MaxForwarded = DefaultMaxForwarded
 	}
 	if cfg.UnixPort < 0 || cfg.UnixPort > 65535 {
 		return nil, &ConfigError{"UnixPort", fmt.Errorf("%d is not a port (1 to 65535)", cfg.UnixPort)}
@@ -418,6 +439,9 @@ func (s *Server) Stats() Stats {
 		Refused:       s.stats.refused.Load(),
 	}
 }
+
+// ForwardedSessions is the number of sessions relayed to the primary (Config.Primary).
+func (s *Server) ForwardedSessions() int { return int(s.forwarded.Load()) }
 
 // OpenSessions is the number of sessions being relayed.
 func (s *Server) OpenSessions() int {

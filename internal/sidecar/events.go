@@ -83,3 +83,6 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 			Message: f.Message, TraceID: f.TraceID}, unsafe)
 	}
 }
+
+// Forwarded: a forwarding session's refusal, and what the relay did about it.
+func (e *events) Forwarded(f wire.Forward) {}
