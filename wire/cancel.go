@@ -68,7 +68,7 @@ func (s *Server) forwardCancel(raw []byte, from string) {
 		return
 	}
 	s.log.Debug("cancel request forwarded", zap.Uint64("session", ss.info.ID), zap.String("client", from))
-	if err := s.sendCancel(raw); err != nil {
+	if err := ss.sendCancel(raw); err != nil {
 		s.log.Warn("cancel request failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
 	}
 }
@@ -87,21 +87,38 @@ func (ss *session) cancelIfBusy() {
 	binary.BigEndian.PutUint32(raw[0:4], uint32(len(raw)))
 	binary.BigEndian.PutUint32(raw[4:8], codeCancel)
 	copy(raw[8:], key)
-	if err := ss.srv.sendCancel(raw); err != nil {
+	if err := ss.sendCancel(raw); err != nil {
 		ss.srv.log.Warn("cancel of abandoned query failed", zap.Uint64("session", ss.info.ID), zap.Error(err))
 		return
 	}
 	ss.srv.log.Info("cancelled the query of a client that disconnected", zap.Uint64("session", ss.info.ID))
 }
 
-// sendCancel opens a new upstream connection and sends it the CancelRequest packet raw.
-func (s *Server) sendCancel(raw []byte) error {
-	c, err := s.upstream.dial(context.Background())
+// sendCancel sends the CancelRequest packet raw, which carries the key the client knows, to
+// the server ss's backend is on now: for a session moved to the primary, with the primary
+// backend's key instead.
+func (ss *session) sendCancel(raw []byte) error {
+	to := ss.srv.upstream
+	if ss.onPrimary.Load() {
+		to = ss.srv.primaryUp
+		if ss.fwd != nil {
+			if key, _ := ss.fwd.primaryKey.Load().(string); key != "" {
+				raw = append(raw[:8:8], key...)
+				binary.BigEndian.PutUint32(raw[0:4], uint32(len(raw)))
+			}
+		}
+	}
+	return to.sendCancel(raw)
+}
+
+// sendCancel opens a new connection and sends it the CancelRequest packet raw.
+func (u *upstream) sendCancel(raw []byte) error {
+	c, err := u.dial(context.Background())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(s.upstream.timeout))
+	c.SetDeadline(time.Now().Add(u.timeout))
 	if _, err := c.Write(raw); err != nil {
 		return err
 	}

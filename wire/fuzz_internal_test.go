@@ -179,13 +179,15 @@ func FuzzPump(f *testing.F) {
 		readWhole := chunk&0x80 != 0 // the server's side; the low bits are the read size
 		var dst bytes.Buffer
 		p := &pump{
-			src:       &chunkReader{data: data, chunk: 1 + int(chunk&0x7f)},
-			dst:       &dst,
-			buf:       make([]byte, fuzzBufSize),
-			max:       fuzzMax,
-			watch:     fuzzWatch(readWhole),
-			readWhole: readWhole,
-			inspect:   fuzzInspector(readWhole),
+			src:     &chunkReader{data: data, chunk: 1 + int(chunk&0x7f)},
+			dst:     &dst,
+			buf:     make([]byte, fuzzBufSize),
+			max:     fuzzMax,
+			watch:   fuzzWatch(readWhole),
+			inspect: fuzzInspector(readWhole),
+		}
+		if readWhole {
+			p.whole = p.watch
 		}
 		err := p.run()
 		want := modelPump(data, readWhole)

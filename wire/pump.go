@@ -50,20 +50,27 @@ type inspectFunc func(typ byte, msg []byte, whole bool) (replacement []byte, err
 //
 // It peeks each 5-byte header, forwards raw bytes, and writes every complete message it has
 // buffered in one Write. Only types marked in watch are passed to inspect; a watched message
-// larger than the buffer is read whole only when readWhole is set, and everything else larger
-// than the buffer is streamed through without being held.
+// larger than the buffer is read whole only when its type is marked in whole, and everything
+// else larger than the buffer is streamed through without being held.
 type pump struct {
 	src   io.Reader
 	dst   io.Writer
 	buf   []byte // owned by the pump for its whole life
 	max   int    // largest accepted value of a message's length field
 	watch *[256]bool
-	// readWhole is set on the server's side, whose watched types are small and rare. The
-	// client's side streams: reading a large message whole would let a client make the relay
+	// whole is set on the server's side, whose watched types are small and rare. The client's
+	// side streams (nil): reading a large message whole would let a client make the relay
 	// allocate whatever its length field declares (up to max) with a 5-byte header.
-	readWhole bool
-	inspect   inspectFunc
-	total     *atomic.Uint64 // the server's running byte count for this direction
+	whole   *[256]bool
+	inspect inspectFunc
+	// tap, when set, sees the rest of each message streamed through after inspect saw its
+	// prefix (a forwarding session hashes what its client received).
+	tap   func([]byte)
+	total *atomic.Uint64 // the server's running byte count for this direction
+
+	// after is how many bytes were read beyond the message being inspected: for an inspect
+	// that must know whether the peer said more.
+	after int
 
 	// Written by run, read by the session after run has returned.
 	n          int64 // bytes written to dst
@@ -105,6 +112,7 @@ func (p *pump) run() error {
 				continue
 			}
 			if p.watch[typ] {
+				p.after = w - end
 				repl, err := p.inspect(typ, p.buf[pos:end], true)
 				if err != nil {
 					if werr := p.write(p.buf[r:pos]); werr != nil {
@@ -147,7 +155,8 @@ func (p *pump) run() error {
 // p.buf[pos:w] bytes are buffered and nothing before them is pending.
 func (p *pump) large(typ byte, pos, w, size int) error {
 	head := p.buf[pos:w]
-	if p.watch[typ] && p.readWhole {
+	p.after = 0
+	if p.watch[typ] && p.whole != nil && p.whole[typ] {
 		msg := make([]byte, size) // bounded by p.max, and only for rare message types
 		copy(msg, head)
 		if _, err := io.ReadFull(p.src, msg[len(head):]); err != nil {
@@ -163,8 +172,12 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 		return p.write(msg)
 	}
 	if p.watch[typ] {
-		if _, err := p.inspect(typ, head, false); err != nil {
+		repl, err := p.inspect(typ, head, false)
+		if err != nil {
 			return err
+		}
+		if repl != nil { // what inspect held back, then the prefix
+			head = repl
 		}
 	}
 	if err := p.write(head); err != nil {
@@ -179,6 +192,9 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 	for rest := size - len(head); rest > 0; {
 		nr, err := p.src.Read(buf[:min(rest, len(buf))])
 		if nr > 0 {
+			if p.tap != nil {
+				p.tap(buf[:nr])
+			}
 			if werr := p.write(buf[:nr]); werr != nil {
 				return werr
 			}

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 )
 
@@ -113,9 +114,12 @@ type Server struct {
 	nextID atomic.Uint64
 	stats  stats
 	keys   cancelKeys
-	// forwarded counts the sessions on the primary, under MaxForwarded.
-	forwarded atomic.Int64
-	wg        sync.WaitGroup // one per live session and per cancel forward
+	// Forwarding (Config.Primary); primaryUp is nil when it is off.
+	primaryUp   *upstream
+	primaryCfg  *pgconn.Config
+	forwarded   atomic.Int64   // sessions on the primary, under MaxForwarded
+	loginWarned sync.Map       // users pgfly could not log in to the primary as, warned once
+	wg          sync.WaitGroup // one per live session and per cancel forward
 
 	mu       sync.Mutex
 	starting map[net.Conn]struct{} // accepted connections not yet relaying
@@ -190,6 +194,16 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 	if err != nil {
 		return nil, &ConfigError{"Upstream", err}
 	}
+	var primaryUp *upstream
+	var primaryCfg *pgconn.Config
+	if cfg.Primary != "" {
+		if primaryUp, err = parseUpstream(cfg.Primary, cfg.ConnectTimeout, cfg.TCPUserTimeout); err != nil {
+			return nil, &ConfigError{"Primary", err}
+		}
+		if primaryCfg, err = pgconn.ParseConfig(cfg.Primary); err != nil {
+			return nil, &ConfigError{"Primary", err}
+		}
+	}
 	if obs == nil {
 		obs = NopObserver{}
 	}
@@ -197,13 +211,15 @@ func NewServer(cfg Config, obs Observer, log *zap.Logger) (*Server, error) {
 		log = zap.NewNop()
 	}
 	s := &Server{
-		cfg:      cfg,
-		upstream: up,
-		obs:      obs,
-		log:      log,
-		starting: make(map[net.Conn]struct{}),
-		sessions: make(map[*session]struct{}),
-		closed:   make(chan struct{}),
+		cfg:        cfg,
+		upstream:   up,
+		primaryUp:  primaryUp,
+		primaryCfg: primaryCfg,
+		obs:        obs,
+		log:        log,
+		starting:   make(map[net.Conn]struct{}),
+		sessions:   make(map[*session]struct{}),
+		closed:     make(chan struct{}),
 	}
 	for _, t := range []byte{'Q', 'P', 'B', 'C', 'S', 'F', 'E', 'X', 'c', 'f', 'p'} {
 		s.watchIn[t] = true
@@ -477,6 +493,9 @@ func (s *Server) Fenced() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for ss := range s.sessions {
+		if ss.onPrimary.Load() { // relayed to the real primary, not the fenced upstream
+			continue
+		}
 		if ss.proto.busy() {
 			ss.fenceAtIdle.Store(true)
 			if ss.proto.busy() {
@@ -511,7 +530,7 @@ func (s *Server) watchLinks() {
 		}
 		s.mu.Unlock()
 		for _, ss := range open {
-			if silence, ok := unackedSilence(ss.upstream); ok && silence >= s.cfg.TCPUserTimeout {
+			if silence, ok := unackedSilence(ss.upstreamConn()); ok && silence >= s.cfg.TCPUserTimeout {
 				s.log.Warn("upstream link dead: nothing acknowledged", zap.Uint64("session", ss.info.ID),
 					zap.String("upstream", s.upstream.name), zap.Duration("silence", silence))
 				ss.stop(errLinkDead)

@@ -30,7 +30,18 @@ type session struct {
 	info     SessionInfo
 	client   net.Conn
 	upstream net.Conn
-	startup  []byte // the client's StartupMessage, forwarded raw
+	startup  []byte            // the client's StartupMessage, forwarded raw
+	params   map[string]string // its parameters
+
+	// upMu orders a forwarding session's change of upstream (swapUpstream) against stop and
+	// the link watch, which act on the upstream from other goroutines.
+	upMu sync.Mutex
+	// fwd follows a forwarding session (Config.Primary); nil otherwise.
+	fwd *forwarder
+	// onPrimary: the session is relayed to the primary (moved, or from its start because the
+	// upstream was unreachable), not to the upstream that Fenced is about.
+	onPrimary atomic.Bool
+	direct    bool // relayed to the primary from its start; it counts under MaxForwarded
 
 	// proto follows the conversation and says what its messages mean; the copy goroutines
 	// feed it from inspectClient and inspectServer.
@@ -97,6 +108,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 	}
 
 	up, err := s.upstream.dial(context.Background())
+	if err != nil && s.primaryUp != nil {
+		up, err = ss.dialDirect(err)
+	}
 	if err != nil {
 		s.stats.connectErrors.Add(1)
 		s.log.Warn("upstream unreachable", zap.String("client", ss.info.ClientAddr),
@@ -108,13 +122,18 @@ func (s *Server) handle(c net.Conn, full bool) {
 	}
 	ss.upstream = up
 	ss.login = loginTimer{conn: up, timeout: s.upstream.timeout}
-	defer up.Close()
+	defer func() {
+		ss.upstreamConn().Close()
+		if ss.direct || ss.fwd != nil && ss.fwd.counted { // both pumps have returned
+			s.forwarded.Add(-1)
+		}
+	}()
 	if !s.register(ss, c) {
 		ss.client.Write(errorMessage("FATAL", codeCannotConnectNow, "pgfly is shutting down"))
 		return
 	}
 	defer s.unregister(ss)
-	if !fenced && s.cfg.Fence != nil && s.cfg.Fence() {
+	if !fenced && !ss.direct && s.cfg.Fence != nil && s.cfg.Fence() {
 		ss.stop(errFenced) // the fence came up while it connected, after Fenced looked
 	}
 
@@ -176,7 +195,7 @@ func (ss *session) negotiate() error {
 			if err != nil {
 				return err
 			}
-			ss.startup = p.raw
+			ss.startup, ss.params = p.raw, params
 			ss.info.User = params["user"]
 			ss.info.Database = params["database"]
 			if ss.info.Database == "" {
@@ -229,8 +248,13 @@ func (ss *session) relay() SessionEnd {
 		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchIn, inspect: ss.inspectClient,
 		total: &ss.srv.stats.bytesIn}
 	out := &pump{src: ss.upstream, dst: ss.client, buf: make([]byte, DefaultBufferSize),
-		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, readWhole: true, inspect: ss.inspectServer,
+		max: ss.srv.cfg.MaxMessageSize, watch: &ss.srv.watchOut, whole: &ss.srv.watchOut, inspect: ss.inspectServer,
 		total: &ss.srv.stats.bytesOut}
+	if ss.srv.primaryUp != nil && !ss.direct {
+		ss.fwd = newForwarder(ss)
+		ss.fwd.out, in.dst = out, ss.fwd.w
+		out.watch, out.inspect, out.tap = &watchAll, ss.fwd.inspect, ss.fwd.tap
+	}
 	in.n = int64(len(ss.startup))
 	ss.srv.stats.bytesIn.Add(uint64(len(ss.startup)))
 
@@ -280,6 +304,10 @@ func (ss *session) relay() SessionEnd {
 			end.Reason = "client disconnected mid-message"
 		}
 		ss.cancelIfBusy()
+	case errors.Is(first.err, errPrimaryLost):
+		end.Reason = first.err.Error()
+		ss.failed(FailLost, codeConnectionFailure, "pgfly lost the connection to the primary while it sent it this session's statement: "+
+			"whether the statement ran there is unknown", tell)
 	case errors.As(first.err, &pe):
 		end.Reason, end.ProtocolError = "upstream protocol violation: "+pe.msg, true
 		ss.srv.log.Error("upstream protocol violation", zap.Uint64("session", ss.info.ID), zap.Error(first.err))
@@ -353,7 +381,7 @@ const (
 // speaks. The session is over but for this wait: its upstream connection and its place among
 // the open sessions (and under MaxClientConn) are given up first.
 func (ss *session) awaitClient() int {
-	ss.upstream.Close()
+	ss.upstreamConn().Close()
 	ss.srv.unregister(ss)
 	var b [1]byte
 	for hold := time.Now().Add(deadSessionHold); time.Now().Before(hold); {
@@ -414,6 +442,8 @@ func (ss *session) stop(cause error) {
 		ss.login.end(true) // so that it cannot move the deadline set below
 		past := time.Unix(1, 0)
 		ss.client.SetReadDeadline(past)
+		ss.upMu.Lock()
+		defer ss.upMu.Unlock()
 		ss.upstream.SetReadDeadline(past)
 		if cause == errShutdown || cause == errFenced {
 			// A goroutine blocked writing to a client that reads nothing must end too.
@@ -424,6 +454,70 @@ func (ss *session) stop(cause error) {
 		}
 	})
 }
+
+// upstreamConn is the session's upstream connection, for a goroutine other than the pumps.
+func (ss *session) upstreamConn() net.Conn {
+	ss.upMu.Lock()
+	defer ss.upMu.Unlock()
+	return ss.upstream
+}
+
+// swapUpstream makes c the session's upstream and returns the one before; a session stopping
+// meanwhile stops reading c too.
+func (ss *session) swapUpstream(c net.Conn) net.Conn {
+	ss.upMu.Lock()
+	defer ss.upMu.Unlock()
+	old := ss.upstream
+	ss.upstream = c
+	if ss.stopping.Load() {
+		c.SetReadDeadline(time.Unix(1, 0))
+	}
+	return old
+}
+
+// setDeadline sets c's deadline for one of pgfly's own exchanges on a session's behalf,
+// unless the session is stopping, whose deadline it must leave alone.
+func (ss *session) setDeadline(c net.Conn, t time.Time) bool {
+	ss.upMu.Lock()
+	defer ss.upMu.Unlock()
+	if ss.stopping.Load() {
+		return false
+	}
+	c.SetDeadline(t)
+	return true
+}
+
+// dialDirect relays a forwarding session whose upstream is unreachable (err) to the primary
+// from its start: its client logs in there itself.
+func (ss *session) dialDirect(err error) (net.Conn, error) {
+	s := ss.srv
+	if max := s.cfg.MaxForwarded; max > 0 && s.forwarded.Add(1) > int64(max) {
+		s.forwarded.Add(-1)
+		return nil, fmt.Errorf("%w; and %d sessions are on the primary already (--max-forwarded-sessions)", err, max)
+	} else if max <= 0 {
+		s.forwarded.Add(1)
+	}
+	up, perr := s.primaryUp.dial(context.Background())
+	if perr != nil {
+		s.forwarded.Add(-1)
+		return nil, fmt.Errorf("%w; and the primary: %v", err, perr)
+	}
+	ss.direct = true
+	ss.onPrimary.Store(true)
+	ss.info.Upstream = s.primaryUp.name
+	s.log.Info("upstream unreachable: session relayed to the primary", zap.String("client", ss.info.ClientAddr),
+		zap.String("user", ss.info.User), zap.String("primary", s.primaryUp.name), zap.Error(err))
+	s.obs.Forwarded(Forward{Time: time.Now(), User: ss.info.User, Outcome: ForwardDirect, Reason: err.Error()})
+	return up, nil
+}
+
+// watchAll marks every message type: a forwarding session looks at each of the server's.
+var watchAll = func() (w [256]bool) {
+	for i := range w {
+		w[i] = true
+	}
+	return w
+}()
 
 // inspectClient acts on the client's messages before they are forwarded.
 func (ss *session) inspectClient(typ byte, msg []byte, whole bool) ([]byte, error) {
@@ -485,7 +579,7 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		}
 		ss.emit(f, r.wrote)
 	}
-	if r.refusal {
+	if r.refusal && ss.fwd == nil { // a forwarding session has no HTTP request to replay
 		v := ReadOnlyViolation{
 			SessionID: ss.info.ID,
 			Time:      time.Now(),

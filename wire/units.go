@@ -222,3 +222,11 @@ func cbytes(b []byte) (s, rest []byte, ok bool) {
 	}
 	return b[:i], b[i+1:], true
 }
+
+// sealed reports whether a request is queued: the server owes a ReadyForQuery, and so more
+// messages, whatever it has sent so far.
+func (u *units) sealed() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.n > 0
+}
