@@ -244,18 +244,37 @@ func TestPgbenchClient(t *testing.T) {
 	}
 }
 
+// runNode runs script (in wire/testdata/node, where `npm ci` installed node-postgres, as
+// .ci/run does) with env and returns its output.
+func runNode(tb testing.TB, script string, env ...string) []byte {
+	tb.Helper()
+	node, err := exec.LookPath("node")
+	if err != nil {
+		tb.Fatalf("node is needed for this test (apt-get install -y nodejs): %v", err)
+	}
+	dir, _ := filepath.Abs(filepath.Join("testdata", "node"))
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "pg")); err != nil {
+		tb.Fatalf("node-postgres is not installed in %s: run `npm ci --prefix %s` (.ci/run does): %v", dir, dir, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, filepath.Join(dir, script))
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		tb.Fatalf("node %s: %v\n%s", script, err, stderr)
+	}
+	return out
+}
+
 // TestNodePostgresClient runs node-postgres (wire/testdata/node, installed there by `npm ci`,
 // which .ci/run does) through the relay over TCP and over a Unix socket, given as node-postgres
 // takes one: the directory as the host.
 func TestNodePostgresClient(t *testing.T) {
-	node, err := exec.LookPath("node")
-	if err != nil {
-		t.Fatalf("node is needed for this test (apt-get install -y nodejs): %v", err)
-	}
-	dir, _ := filepath.Abs(filepath.Join("testdata", "node"))
-	if _, err := os.Stat(filepath.Join(dir, "node_modules", "pg")); err != nil {
-		t.Fatalf("node-postgres is not installed in %s: run `npm ci --prefix %s` (.ci/run does): %v", dir, dir, err)
-	}
 	socketDir := t.TempDir()
 	tcp := primaryRelay(t)
 	unix := startRelay(t, cluster.Primary.URL("", "", "", "sslmode=disable"), wire.Config{Listen: socketDir, UnixPort: 6544})
@@ -268,18 +287,7 @@ func TestNodePostgresClient(t *testing.T) {
 	} {
 		url := c.url
 		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			cmd := exec.CommandContext(ctx, node, filepath.Join(dir, "client.js"))
-			cmd.Env = append(os.Environ(), "DATABASE_URL="+url)
-			out, err := cmd.Output()
-			if err != nil {
-				var stderr []byte
-				if ee, ok := err.(*exec.ExitError); ok {
-					stderr = ee.Stderr
-				}
-				t.Fatalf("node client.js: %v\n%s", err, stderr)
-			}
+			out := runNode(t, "client.js", "DATABASE_URL="+url)
 			var got struct {
 				Simple, Params, Named, NamedAgain, InTransaction, AfterError int
 				Error                                                        string

@@ -2,6 +2,7 @@ package wire_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -172,5 +173,263 @@ func TestForwardWithoutCredentials(t *testing.T) {
 	got := r.events.Forwards()
 	if len(got) != 2 || got[0].Outcome != wire.ForwardRefused || !strings.Contains(got[0].Reason, "log in") {
 		t.Fatalf("forward events %+v, want a refusal naming the login, then a move", got)
+	}
+}
+
+// pauseReplay pauses the replica's replay until the test ends.
+func pauseReplay(tb testing.TB) {
+	tb.Helper()
+	rep := connectURL(tb, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if _, err := rep.Exec(context.Background(), "SELECT pg_wal_replay_pause()"); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		rep := connectURL(tb, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+		if _, err := rep.Exec(context.Background(), "SELECT pg_wal_replay_resume()"); err != nil {
+			tb.Errorf("resume replay: %v", err)
+		}
+	})
+}
+
+func sqlstate(err error) string {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.Code
+	}
+	return ""
+}
+
+// A transaction whose earlier read is stale on the replica (replay paused, the row changed
+// on the primary) must not commit on the primary: the client gets 40001 and nothing changes;
+// its retry runs on the primary, sees the new row, and commits once.
+func TestForwardStaleTransactionIs40001(t *testing.T) {
+	forwardTable(t, "fwd_stale", "id int PRIMARY KEY, balance int")
+	p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	ctx := context.Background()
+	if _, err := p.Exec(ctx, "INSERT INTO fwd_stale VALUES (1, 100)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pauseReplay(t)
+	if _, err := p.Exec(ctx, "UPDATE fwd_stale SET balance = 50"); err != nil {
+		t.Fatal(err)
+	}
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	transfer := func(tx pgx.Tx) error {
+		var balance int
+		if err := tx.QueryRow(ctx, "SELECT balance FROM fwd_stale WHERE id = 1").Scan(&balance); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "INSERT INTO fwd_stale VALUES (2, $1)", balance)
+		return err
+	}
+	err := pgx.BeginFunc(ctx, c, transfer)
+	if sqlstate(err) != "40001" {
+		t.Fatalf("a transaction whose read is stale: %v, want 40001", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_stale WHERE id = 2"); n != 0 {
+		t.Fatalf("the stale transaction wrote %d rows on the primary", n)
+	}
+	if err := pgx.BeginFunc(ctx, c, transfer); err != nil {
+		t.Fatalf("the retry: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_stale WHERE id = 2 AND balance = 50"); n != 1 {
+		t.Fatalf("the retry wrote %d rows with the primary's balance, want 1", n)
+	}
+	got := r.events.Forwards()
+	if len(got) != 1 || got[0].Outcome != wire.ForwardRetry || !strings.Contains(got[0].Reason, "different results") {
+		t.Fatalf("forward events %+v, want one 40001 naming the different results", got)
+	}
+}
+
+// LISTEN is refused on a standby: the session moves, and hears a NOTIFY sent on the primary.
+func TestForwardListen(t *testing.T) {
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(ctx, "LISTEN fwd_channel"); err != nil {
+		t.Fatalf("LISTEN through the forwarding relay: %v", err)
+	}
+	p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if _, err := p.Exec(ctx, "NOTIFY fwd_channel, 'hello'"); err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.WaitForNotification(ctx)
+	if err != nil || n.Channel != "fwd_channel" || n.Payload != "hello" {
+		t.Fatalf("notification: %+v, %v", n, err)
+	}
+}
+
+// A session holding what cannot move (a cursor WITH HOLD) gets the standby's own refusal,
+// and keeps its cursor.
+func TestForwardKeepsWhatCannotMove(t *testing.T) {
+	forwardTable(t, "fwd_hold", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(ctx, "DECLARE fwd_cursor CURSOR WITH HOLD FOR SELECT 42"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Exec(ctx, "INSERT INTO fwd_hold VALUES (1)")
+	if sqlstate(err) != "25006" {
+		t.Fatalf("insert with a cursor WITH HOLD open: %v, want the standby's 25006", err)
+	}
+	var v int
+	if err := c.QueryRow(ctx, "FETCH fwd_cursor").Scan(&v); err != nil || v != 42 {
+		t.Fatalf("the cursor after the refusal: %d, %v", v, err)
+	}
+	got := r.events.Forwards()
+	if len(got) != 1 || got[0].Outcome != wire.ForwardRefused || !strings.Contains(got[0].Reason, "WITH HOLD") {
+		t.Fatalf("forward events %+v, want a refusal naming the cursor", got)
+	}
+}
+
+// Past MaxForwarded sessions on the primary, a refused write is answered 53300, clearly, and
+// the sessions already there are unharmed.
+func TestForwardLimit(t *testing.T) {
+	forwardTable(t, "fwd_limit", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{MaxForwarded: 1})
+	ctx := context.Background()
+	first := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := first.Exec(ctx, "INSERT INTO fwd_limit VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	second := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	_, err := second.Exec(ctx, "INSERT INTO fwd_limit VALUES (2)")
+	if sqlstate(err) != "53300" || !strings.Contains(err.Error(), "--max-forwarded-sessions") {
+		t.Fatalf("a second forwarded session past the limit: %v, want 53300 naming the flag", err)
+	}
+	if _, err := first.Exec(ctx, "INSERT INTO fwd_limit VALUES (3)"); err != nil {
+		t.Fatal(err)
+	}
+	if r.ForwardedSessions() != 1 {
+		t.Fatalf("ForwardedSessions = %d, want 1", r.ForwardedSessions())
+	}
+	first.Close(ctx)
+	deadline := time.Now().Add(time.Minute)
+	for r.ForwardedSessions() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := second.Exec(ctx, "INSERT INTO fwd_limit VALUES (2)"); err != nil {
+		t.Fatalf("once the first session closed: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_limit"); n != 3 {
+		t.Fatalf("the primary has %d rows, want 3", n)
+	}
+}
+
+// A pipelined batch whose write follows a read that already returned rows cannot be re-run
+// unseen: 40001, nothing written, and the retry runs on the primary.
+func TestForwardBatchAfterResultsIs40001(t *testing.T) {
+	forwardTable(t, "fwd_batch", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	run := func() error {
+		b := &pgx.Batch{}
+		b.Queue("SELECT count(*) FROM fwd_batch")
+		b.Queue("INSERT INTO fwd_batch VALUES (1)")
+		return c.SendBatch(ctx, b).Close()
+	}
+	if err := run(); sqlstate(err) != "40001" {
+		t.Fatalf("a batch whose write follows results: %v, want 40001", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_batch"); n != 0 {
+		t.Fatalf("the primary has %d rows after the 40001, want 0", n)
+	}
+	if err := run(); err != nil {
+		t.Fatalf("the retry: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_batch"); n != 1 {
+		t.Fatalf("the primary has %d rows, want 1", n)
+	}
+}
+
+// A moved session's CancelRequest reaches its backend on the primary.
+func TestForwardCancelReachesThePrimary(t *testing.T) {
+	forwardTable(t, "fwd_cancel", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(context.Background(), "INSERT INTO fwd_cancel VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { // until the sleep ends: a cancel that comes before it starts cancels nothing
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(100 * time.Millisecond):
+				c.PgConn().CancelRequest(ctx) // on its own connection, with the key the client knows
+			}
+		}
+	}()
+	_, err := c.Exec(ctx, "SELECT pg_sleep(30)")
+	close(done)
+	if sqlstate(err) != "57014" {
+		t.Fatalf("a cancelled sleep on the primary: %v, want 57014 (query_canceled)", err)
+	}
+}
+
+// With the upstream unreachable, a forwarding relay relays new sessions to the primary, reads
+// and writes alike; the client logs in there itself.
+func TestForwardDirectWhenTheReplicaIsDown(t *testing.T) {
+	forwardTable(t, "fwd_direct", "id int")
+	cfg := wire.Config{Primary: cluster.Primary.URL(pgcluster.RoleSCRAM.Name, pgcluster.RoleSCRAM.Password, pgcluster.Database)}
+	r := startRelay(t, "postgres://127.0.0.1:1/?sslmode=disable", cfg)
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleMD5))
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_direct VALUES (1)"); err != nil {
+		t.Fatalf("a write with the replica down: %v", err)
+	}
+	var recovery bool
+	if err := c.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&recovery); err != nil || recovery {
+		t.Fatalf("read with the replica down: in recovery %v, %v", recovery, err)
+	}
+	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "direct" {
+		t.Fatalf("forward outcomes %v, want direct", got)
+	}
+	if len(r.events.Failures()) != 0 {
+		t.Fatalf("a session served by the primary was reported as failed: %+v", r.events.Failures())
+	}
+}
+
+// psql's autocommit INSERT, simple protocol, runs once on the primary.
+func TestForwardPsql(t *testing.T) {
+	forwardTable(t, "fwd_psql", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	out, err := runClientTool(t, "", "psql", "-X", "-v", "ON_ERROR_STOP=1", "-c", "INSERT INTO fwd_psql VALUES (1)", r.url(pgcluster.RoleSCRAM))
+	if err != nil || !strings.Contains(out, "INSERT 0 1") {
+		t.Fatalf("psql: %v\n%s", err, out)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_psql"); n != 1 {
+		t.Fatalf("the primary has %d rows, want 1", n)
+	}
+}
+
+// node-postgres: a job's transaction (read, write, commit) through the forwarding relay is
+// written exactly once, and its named prepared statement works before and after the move.
+func TestForwardNodePostgres(t *testing.T) {
+	forwardTable(t, "fwd_node", "id serial PRIMARY KEY, job text")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	out := runNode(t, "forward.js", "DATABASE_URL="+r.url(pgcluster.RoleSCRAM), "JOB=node-1")
+	var got struct {
+		Before, Seen, After int
+		Recovery            bool
+	}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("decode %q: %v", out, err)
+	}
+	if got.Before != 0 || got.After != 1 || got.Recovery {
+		t.Fatalf("got %+v, want 0 before, 1 after, on the primary", got)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_node WHERE job = 'node-1'"); n != 1 {
+		t.Fatalf("the primary has %d rows for the job, want 1", n)
 	}
 }
