@@ -174,7 +174,18 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 			return suppressed, nil
 		}
 	case 'E':
-		if f.isRefusal(msg[headerLen:]) {
+		if !f.isRefusal(msg[headerLen:]) {
+			break
+		}
+		if !ss.proto.units.sealed() {
+			// The client sent no Sync yet and may wait for this error (after a Flush): it cannot
+			// be held until a ReadyForQuery. The session moves at its next idle point.
+			f.moveAtIdle = "the client had not finished sending its request"
+			f.report(ForwardRetry, f.moveAtIdle)
+			ss.proto.server(typ, msg[headerLen:])
+			return f.deliver(typ, retryError(f.moveAtIdle), true)
+		}
+		{
 			f.refusing = true
 			f.refusal = append(f.refusal[:0], msg...)
 			ss.proto.server(typ, msg[headerLen:]) // its bookkeeping; the observer is not told
@@ -280,8 +291,7 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 	answer := f.refusal
 	switch res.outcome {
 	case ForwardRetry:
-		answer = errorMessage("ERROR", codeSerializationFailure, "pgfly: this statement needs the primary, and it could not be re-run there "+
-			"without risk ("+res.reason+"): retry the transaction; the session now runs on the primary")
+		answer = retryError(res.reason)
 	case ForwardLimit:
 		answer = errorMessage("ERROR", codeTooManyConnections, fmt.Sprintf("pgfly: this statement needs the primary, and %d sessions "+
 			"are on it already (--max-forwarded-sessions)", f.ss.srv.cfg.MaxForwarded))
@@ -290,6 +300,13 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 	f.late = f.late[:0]
 	f.unitDelivered = true
 	return f.deliver('Z', z, true)
+}
+
+// retryError is the 40001 a client is answered for a refused statement that pgfly could not
+// re-run on the primary unseen.
+func retryError(why string) []byte {
+	return errorMessage("ERROR", codeSerializationFailure, "pgfly: this statement needs the primary, and it could not be re-run there "+
+		"without risk ("+why+"): retry the transaction; the session now runs on the primary")
 }
 
 // moveResult is what tryMove or connect did.

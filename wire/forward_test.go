@@ -433,3 +433,50 @@ func TestForwardNodePostgres(t *testing.T) {
 		t.Fatalf("the primary has %d rows for the job, want 1", n)
 	}
 }
+
+// An error at the primary's COMMIT (a deferred constraint) reaches the client as itself;
+// pgfly does not retry it, and nothing is written.
+func TestForwardCommitErrorIsTheClients(t *testing.T) {
+	forwardTable(t, "fwd_commit", "id int, CONSTRAINT fwd_commit_once UNIQUE (id) DEFERRABLE INITIALLY DEFERRED")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	err := pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+		var n int
+		if err := tx.QueryRow(ctx, "SELECT count(*) FROM fwd_commit").Scan(&n); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "INSERT INTO fwd_commit VALUES (1)"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "INSERT INTO fwd_commit VALUES (1)") // checked at COMMIT
+		return err
+	})
+	if sqlstate(err) != "23505" {
+		t.Fatalf("a transaction whose COMMIT fails on the primary: %v, want its own 23505", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_commit"); n != 0 {
+		t.Fatalf("the primary has %d rows, want 0", n)
+	}
+	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "moved" {
+		t.Fatalf("forward outcomes %v, want one move and no retry", got)
+	}
+}
+
+// A temporary table cannot exist on a standby: CREATE TEMP TABLE is itself a refusal, so the
+// session moves and has its table on the primary.
+func TestForwardTemporaryTable(t *testing.T) {
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(ctx, "CREATE TEMP TABLE fwd_scratch (x int)"); err != nil {
+		t.Fatalf("CREATE TEMP TABLE through the forwarding relay: %v", err)
+	}
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_scratch VALUES (1), (2)"); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM fwd_scratch").Scan(&n); err != nil || n != 2 {
+		t.Fatalf("the temporary table: %d rows, %v", n, err)
+	}
+}
