@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
@@ -190,6 +191,9 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	}
 	if c.jobsListen != "" && c.forward && c.primary == "" {
 		return sc, errors.New("flag --jobs-listen forwards its sessions' writes to the primary: set --primary (or $PGFLY_PRIMARY), or --forward=false for a relay that leaves them the replica's refusal")
+	}
+	if c.jobsListen != "" && filepath.IsAbs(c.listen) && filepath.Clean(c.jobsListen) == filepath.Clean(c.listen) {
+		return sc, fmt.Errorf("flags --listen and --jobs-listen name one directory, %s, where both sockets would be .s.PGSQL.%d (--unix-port): give --jobs-listen another", c.listen, c.unixPort)
 	}
 	if c.tcpUserTimeout == 0 {
 		sc.Relay.TCPUserTimeout = -1 // Go's keepalive defaults
