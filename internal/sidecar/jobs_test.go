@@ -14,7 +14,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/internal/pgcluster/pgtest"
@@ -48,25 +47,12 @@ func TestJobsListener(t *testing.T) {
 	appURL, _ := url.Parse(app.URL)
 
 	replica := c.Replica.URL(su, "", pgcluster.Database)
-	s, err := sidecar.New(sidecar.Config{
+	s := startSidecar(t, sidecar.Config{
 		Relay:       wire.Config{Listen: "127.0.0.1:0", Upstream: replica},
 		Jobs:        &wire.Config{Listen: "127.0.0.1:0", Upstream: replica},
 		Shim:        &router.Config{Listen: "127.0.0.1:0", App: appURL, Region: "fra", PrimaryRegion: "iad"},
 		AdminListen: "127.0.0.1:0",
-	}, zaptest.NewLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	s.Start()
-	t.Cleanup(func() { s.Close() })
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	if err := s.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
+	})
 	if s.JobsAddr() == nil || s.JobsAddr().String() == s.PostgresAddr().String() {
 		t.Fatalf("JobsAddr: got %v beside PostgresAddr %v, want a listener of its own", s.JobsAddr(), s.PostgresAddr())
 	}
