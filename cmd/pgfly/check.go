@@ -62,6 +62,9 @@ type checkTarget struct {
 	HTTPListen            string   // "" with the shim off
 	AdminListen           string
 	MaxLag                time.Duration
+	// Forwarding names the listeners whose sessions move to Primary when the replica refuses
+	// their writes ("--listen" with the shim off, "--jobs-listen"); none when forwarding is off.
+	Forwarding []string
 	// DatabaseURL is the app's DATABASE_URL as the app will see it, and Listen pgfly's
 	// Postgres address; DatabaseURLBy names what sets it to pgfly's (pgfly run, the demo),
 	// when something does, so that it is not checked.
@@ -185,6 +188,12 @@ func serveTarget(c *serveConfig, sc sidecar.Config, flyToml string) checkTarget 
 		AppStarted: true, FlyToml: flyToml, Env: os.Getenv}
 	if sc.Shim != nil {
 		t.App, t.HTTPListen = sc.Shim.App, c.httpListen
+	}
+	if sc.Relay.Primary != "" {
+		t.Forwarding = append(t.Forwarding, "--listen")
+	}
+	if sc.Jobs != nil && sc.Jobs.Primary != "" {
+		t.Forwarding = append(t.Forwarding, "--jobs-listen")
 	}
 	if t.MaxLag == 0 {
 		t.MaxLag = sidecar.DefaultMaxLag
@@ -397,24 +406,31 @@ func isAuthFailure(err error) bool {
 	return errors.As(err, &pe) && (pe.Code == "28P01" || pe.Code == "28000")
 }
 
-// credentials: the user and password pgfly logs in to the primary with (for lag and
-// bookmarks; write forwarding, when it comes, logs in as a session's user with --primary's
-// password only when the users match).
+// credentials: the user and password pgfly logs in to the primary with, for lag and
+// bookmarks, and for forwarded sessions: a session of --primary's user that moves to the
+// primary logs in there with that password, once the replica accepted the client's own login;
+// a session of another user gets only what the primary's pg_hba.conf allows without one. The
+// check tries pgfly's own login, not a session's.
 func credentials(t checkTarget, pri serverProbe, add adder) {
 	pu, err1 := pgx.ParseConfig(t.Primary)
 	uu, err2 := pgx.ParseConfig(t.Upstream)
 	if err1 != nil || err2 != nil {
 		return
 	}
+	forwarding := "forwarding is off, so --primary's credentials serve only pgfly's own queries (lag, bookmarks)"
+	if len(t.Forwarding) > 0 {
+		forwarding = fmt.Sprintf("forwarding is on for %s: a session of %s that moves to the primary logs in there with --primary's password, after the replica accepted the client's own login",
+			strings.Join(t.Forwarding, " and "), pu.User)
+	}
 	switch {
 	case pri.err != nil:
 		add("credentials", verdictFail, "put the primary's user and password in --primary's URL",
-			"the primary refused pgfly's login as %s", pu.User)
-	case pu.User != uu.User:
+			"the primary refused pgfly's login as %s; %s", pu.User, forwarding)
+	case pu.User != uu.User && len(t.Forwarding) > 0:
 		add("credentials", verdictWarn, "use one URL's user for both (on Fly, DATABASE_URL serves both)",
-			"pgfly logs in to the primary as %s, the upstream as %s: a session of %s has no credentials on the primary", pu.User, uu.User, uu.User)
+			"pgfly logs in to the primary as %s, the upstream as %s: a forwarded session of %s has no password for the primary, only what its pg_hba.conf allows without one", pu.User, uu.User, uu.User)
 	default:
-		add("credentials", verdictOK, "", "pgfly logs in to the primary as %s, the upstream's user", pu.User)
+		add("credentials", verdictOK, "", "pgfly logs in to the primary as %s; %s", pu.User, forwarding)
 	}
 }
 

@@ -92,6 +92,7 @@ func TestCheck(t *testing.T) {
 		got.want(t, "lag", verdictOK, "behind the primary")
 		got.want(t, "one cluster", verdictOK, "one cluster (system ")
 		got.want(t, "credentials", verdictOK, "as "+su)
+		got.want(t, "credentials", verdictOK, "forwarding is off") // the shim replays instead
 		got.want(t, "app", verdictOK, "HTTP 204")
 		got.want(t, "database url", verdictOK, "points at pgfly")
 		got.want(t, "fly", verdictOK, "not on Fly")
@@ -156,6 +157,14 @@ func TestCheck(t *testing.T) {
 		if strings.Contains(got.stdout, "not-"+role.Password) {
 			t.Errorf("the report shows the password: %s", got.stdout)
 		}
+	})
+	t.Run("a jobs listener: its forwarded sessions log in to the primary with --primary's password", func(t *testing.T) {
+		got := runCheck(t, nil, append(replicaRegion, "--upstream", replica, "--primary", primary, "--jobs-listen", "127.0.0.1:0")...)
+		got.want(t, "credentials", verdictOK, "forwarding is on for --jobs-listen: a session of "+su+" that moves to the primary logs in there with --primary's password")
+		role := pgcluster.RoleSCRAM
+		other := runCheck(t, nil, append(replicaRegion, "--upstream", c.Replica.URL(role.Name, role.Password, pgcluster.Database),
+			"--primary", primary, "--jobs-listen", "127.0.0.1:0")...)
+		other.want(t, "credentials", verdictWarn, "a forwarded session of "+role.Name+" has no password for the primary")
 	})
 	t.Run("what serve refuses, check refuses: exit status 2", func(t *testing.T) {
 		for _, args := range [][]string{

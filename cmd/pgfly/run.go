@@ -52,7 +52,7 @@ type runConfig struct {
 func (c *runConfig) register(fs *flagSet) {
 	c.serveConfig.register(fs)
 	fs.Lookup("upstream").Usage = "nearby Postgres URL sessions are relayed to; default: $DATABASE_URL in the primary region, its nearest replica elsewhere [$PGFLY_UPSTREAM]"
-	fs.Lookup("primary").Usage = "primary Postgres URL, for bookmarks and lag; default: $DATABASE_URL [$PGFLY_PRIMARY]"
+	fs.Lookup("primary").Usage = "primary Postgres URL, for bookmarks and lag, and for forwarded sessions (see --forward) of its user, after the replica accepted their own login; default: $DATABASE_URL [$PGFLY_PRIMARY]"
 	fs.DurationVar(&c.appStartTimeout, "app-start-timeout", DefaultAppStartTimeout, "how long the app may take to listen on the --app port before pgfly stops it and exits")
 	fs.bindEnv("app-start-timeout", "PGFLY_APP_START_TIMEOUT")
 	fs.BoolVar(&c.socket, "socket", false, "put the app on a Unix socket (host=<dir> in its DATABASE_URL): in --listen's directory, or in a private one pgfly makes and removes when --listen is not a directory")
@@ -75,8 +75,8 @@ itself. DATABASE_URL is also the primary (--primary).
 
 It then starts CMD with DATABASE_URL pointing at pgfly on this machine (same user,
 password, database and parameters; sslmode=disable, since the connection never leaves the
-machine, unless --tls-cert is set) and PORT set to the --app URL's port, where the HTTP
-shim forwards requests. It waits for the app to listen there, passes SIGTERM, SIGINT,
+machine, unless --tls-cert is set), PGFLY_JOBS_DATABASE_URL likewise at --jobs-listen when
+it is set, and PORT set to the --app URL's port, where the HTTP shim forwards requests. It waits for the app to listen there, passes SIGTERM, SIGINT,
 SIGHUP, SIGUSR1 and SIGUSR2 on to the app's process group, keeps relaying until the app
 exits, and exits with the app's status. If the app exits, pgfly exits too.
 
@@ -96,6 +96,7 @@ type runCommand struct {
 	pgfly     *sidecar.Sidecar
 	shim      bool   // the HTTP shim is on: wait for the app to listen
 	dbURL     string // the app's DATABASE_URL, pointed at pgfly
+	jobsURL   string // the app's PGFLY_JOBS_DATABASE_URL, pointed at the jobs listener; "" when off
 	appAddr   string // where the app is to listen
 	appPort   string
 	original  string // the DATABASE_URL pgfly was given
@@ -170,6 +171,11 @@ func (c *runCommand) open(fs *flagSet, log *zap.Logger) error {
 	if c.dbURL, err = appDatabaseURL(c.original, loopback(c.pgfly.PostgresAddr()), sc.Relay.TLS != nil); err != nil {
 		return err
 	}
+	if jobs := c.pgfly.JobsAddr(); jobs != nil {
+		if c.jobsURL, err = appDatabaseURL(c.original, loopback(jobs), sc.Jobs.TLS != nil); err != nil {
+			return err
+		}
+	}
 	c.shim = sc.Shim != nil
 	if c.shim && listening(c.appAddr) {
 		return fmt.Errorf("something already listens on %s, where the app is to listen (PORT=%s): stop it, or point --app at a free port", c.appAddr, c.appPort)
@@ -182,7 +188,7 @@ func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 		return checkUntilSignal(ctx, sigs, c.stdout, *c.target, c.cfg.checkFlags)
 	}
 	cmd := exec.Command(c.argv[0], c.argv[1:]...)
-	cmd.Env = childEnv(os.Environ(), c.dbURL, c.appPort)
+	cmd.Env = childEnv(os.Environ(), c.dbURL, c.jobsURL, c.appPort)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, c.stdout, c.stderr
 	// Its own process group, so that a signal pgfly passes on reaches every process of the
 	// app (a shell wrapper's children too) exactly once, even when a terminal also sent it
@@ -202,8 +208,12 @@ func (c *runCommand) run(ctx context.Context, sigs <-chan os.Signal) error {
 	}
 	a := &appRun{c: c, cmd: cmd, started: time.Now(), sigs: sigs, ctx: ctx, done: ctx.Done(),
 		exited: make(chan error, 1), pgflyDone: make(chan error, 1)}
-	c.log.Info("app started", zap.Int("pid", cmd.Process.Pid), zap.String("command", c.argv[0]),
-		zap.String("port", c.appPort), zap.String("database_url", redact(c.dbURL)))
+	fields := []zap.Field{zap.Int("pid", cmd.Process.Pid), zap.String("command", c.argv[0]),
+		zap.String("port", c.appPort), zap.String("database_url", redact(c.dbURL))}
+	if c.jobsURL != "" {
+		fields = append(fields, zap.String("jobs_database_url", redact(c.jobsURL)))
+	}
+	c.log.Info("app started", fields...)
 	return a.supervise()
 }
 
@@ -479,16 +489,23 @@ func parsePostgresURL(s string) (*url.URL, error) {
 	return u, nil
 }
 
-// childEnv is pgfly's environment with DATABASE_URL and PORT replaced.
-func childEnv(env []string, dbURL, port string) []string {
-	out := make([]string, 0, len(env)+2)
+// childEnv is pgfly's environment with DATABASE_URL, PGFLY_JOBS_DATABASE_URL and PORT
+// replaced. PGFLY_JOBS_DATABASE_URL is left out when jobsURL is "" (no jobs listener), so
+// that an app that falls back to DATABASE_URL without it does, rather than using a stale one.
+func childEnv(env []string, dbURL, jobsURL, port string) []string {
+	out := make([]string, 0, len(env)+3)
 	for _, kv := range env {
-		if strings.HasPrefix(kv, "DATABASE_URL=") || strings.HasPrefix(kv, "PORT=") {
+		name, _, _ := strings.Cut(kv, "=")
+		if name == "DATABASE_URL" || name == "PGFLY_JOBS_DATABASE_URL" || name == "PORT" {
 			continue
 		}
 		out = append(out, kv)
 	}
-	return append(out, "DATABASE_URL="+dbURL, "PORT="+port)
+	out = append(out, "DATABASE_URL="+dbURL, "PORT="+port)
+	if jobsURL != "" {
+		out = append(out, "PGFLY_JOBS_DATABASE_URL="+jobsURL)
+	}
+	return out
 }
 
 // hostPort is an http URL's host with its port, the scheme's default when absent.

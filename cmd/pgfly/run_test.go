@@ -187,6 +187,36 @@ func TestRunChild(t *testing.T) {
 		}
 	})
 
+	t.Run("with --jobs-listen the app gets PGFLY_JOBS_DATABASE_URL pointing at it", func(t *testing.T) {
+		listen, jobs := freeAddr(t), freeAddr(t)
+		env := []string{"DATABASE_URL=postgres://app:s%40cret@" + db + "/app?sslmode=require&application_name=web"}
+		args := append([]string{"run", "--listen=" + listen, "--jobs-listen=" + jobs}, noShim...)
+		p := startProc(t, env, pgflyBin, append(args, "--", "sh", "-c", `printf 'DATABASE_URL=%s\nPGFLY_JOBS_DATABASE_URL=%s\n' "$DATABASE_URL" "$PGFLY_JOBS_DATABASE_URL"`)...)
+		if code := p.wait(t, 30*time.Second); code != 0 {
+			t.Errorf("exit status: got %d, want the app's 0", code)
+		}
+		want := "DATABASE_URL=postgres://app:s%40cret@" + listen + "/app?application_name=web&sslmode=disable\n" +
+			"PGFLY_JOBS_DATABASE_URL=postgres://app:s%40cret@" + jobs + "/app?application_name=web&sslmode=disable\n"
+		if got := p.stdout.String(); got != want {
+			t.Errorf("the app's environment: got %q, want %q", got, want)
+		}
+		if strings.Contains(p.stderr.String(), "s%40cret") || strings.Contains(p.stderr.String(), "s@cret") {
+			t.Errorf("stderr: got the password in %s, want it never logged", p.stderr.String())
+		}
+	})
+
+	t.Run("without --jobs-listen the app gets no PGFLY_JOBS_DATABASE_URL, not even an inherited one", func(t *testing.T) {
+		env := []string{"DATABASE_URL=postgres://app@" + db + "/app", "PGFLY_JOBS_DATABASE_URL=postgres://stale@" + db + "/app"}
+		args := append([]string{"run", "--listen=127.0.0.1:0"}, noShim...)
+		p := startProc(t, env, pgflyBin, append(args, "--", "sh", "-c", `printf '%s\n' "${PGFLY_JOBS_DATABASE_URL-unset}"`)...)
+		if code := p.wait(t, 30*time.Second); code != 0 {
+			t.Errorf("exit status: got %d, want the app's 0", code)
+		}
+		if got := p.stdout.String(); got != "unset\n" {
+			t.Errorf("the app's PGFLY_JOBS_DATABASE_URL: got %q, want it unset", got)
+		}
+	})
+
 	exits := []struct {
 		name   string
 		script string

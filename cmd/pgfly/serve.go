@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
@@ -23,6 +24,7 @@ const DefaultShutdownTimeout = 30 * time.Second
 // serveConfig is the sidecar's configuration, from flags and the environment.
 type serveConfig struct {
 	listen            string
+	jobsListen        string
 	unixPort          int
 	upstream          string
 	primary           string
@@ -52,17 +54,21 @@ type serveConfig struct {
 	startupTimeout    time.Duration
 	tcpUserTimeout    time.Duration
 	maxClientConn     int
+	forward           bool
+	maxForwarded      int
 	shutdownTimeout   time.Duration
 }
 
 func (c *serveConfig) register(fs *flagSet) {
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:5432", "Postgres address the app connects to: host:port, or a directory (e.g. /tmp/pgfly) for a Unix socket there, <dir>/.s.PGSQL.<--unix-port>")
 	fs.bindEnv("listen", "PGFLY_LISTEN")
+	fs.StringVar(&c.jobsListen, "jobs-listen", "", "a second Postgres address, for job runners inside the web process (its sessions belong to no HTTP request, and their writes are forwarded to --primary): host:port, or a directory other than --listen's for a Unix socket; empty for none")
+	fs.bindEnv("jobs-listen", "PGFLY_JOBS_LISTEN")
 	fs.IntVar(&c.unixPort, "unix-port", wire.DefaultUnixPort, "the port in the Unix socket's name when --listen is a directory, as clients give it with the directory as the host")
 	fs.bindEnv("unix-port", "PGFLY_UNIX_PORT")
 	fs.StringVar(&c.upstream, "upstream", "", "nearby Postgres URL sessions are relayed to (required; its sslmode is honoured)")
 	fs.bindEnv("upstream", "PGFLY_UPSTREAM")
-	fs.StringVar(&c.primary, "primary", "", "primary Postgres URL, for bookmarks and lag")
+	fs.StringVar(&c.primary, "primary", "", "primary Postgres URL, for bookmarks and lag, and for forwarded sessions (see --forward) of its user, after the replica accepted their own login")
 	fs.bindEnv("primary", "PGFLY_PRIMARY")
 	fs.StringVar(&c.httpListen, "http-listen", ":8080", "where the edge sends HTTP; empty disables the HTTP shim")
 	fs.bindEnv("http-listen", "PGFLY_HTTP_LISTEN")
@@ -118,8 +124,12 @@ func (c *serveConfig) register(fs *flagSet) {
 	fs.bindEnv("startup-timeout", "PGFLY_STARTUP_TIMEOUT")
 	fs.DurationVar(&c.tcpUserTimeout, "tcp-user-timeout", wire.DefaultTCPUserTimeout, "how long an upstream link may acknowledge nothing before its sessions end (keepalive probes while idle, a watch on unacknowledged data while busy; not the kernel's TCP_USER_TIMEOUT, which would also end a running COPY waiting on a lock); 0 leaves Go's keepalive defaults")
 	fs.bindEnv("tcp-user-timeout", "PGFLY_TCP_USER_TIMEOUT")
-	fs.IntVar(&c.maxClientConn, "max-client-conn", wire.DefaultMaxClientConn, "most client connections held at once; past it clients get FATAL 53300; 0 for no limit")
+	fs.IntVar(&c.maxClientConn, "max-client-conn", wire.DefaultMaxClientConn, "most client connections each Postgres listener holds at once; past it clients get FATAL 53300; 0 for no limit")
 	fs.bindEnv("max-client-conn", "PGFLY_MAX_CLIENT_CONN")
+	fs.BoolVar(&c.forward, "forward", true, "move sessions that no HTTP request can replay (--jobs-listen's, and --listen's with the HTTP shim off) to --primary when the replica refuses their writes; false leaves them the refusal")
+	fs.bindEnv("forward", "PGFLY_FORWARD")
+	fs.IntVar(&c.maxForwarded, "max-forwarded-sessions", wire.DefaultMaxForwarded, "most sessions each forwarding listener keeps on the primary at once (each is a backend there too); past it a refused session's client gets 53300; 0 for no limit")
+	fs.bindEnv("max-forwarded-sessions", "PGFLY_MAX_FORWARDED_SESSIONS")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", DefaultShutdownTimeout, "on SIGTERM, how long open sessions may go on before they are closed")
 	fs.bindEnv("shutdown-timeout", "PGFLY_SHUTDOWN_TIMEOUT")
 }
@@ -139,6 +149,7 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 			StartupTimeout: c.startupTimeout,
 			TCPUserTimeout: c.tcpUserTimeout,
 			MaxClientConn:  c.maxClientConn,
+			MaxForwarded:   c.maxForwarded,
 		},
 		Lag:         lag.Config{Primary: c.primary},
 		AdminListen: c.adminListen,
@@ -170,8 +181,19 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	if c.maxMessageSize == 0 { // to the relay, zero is its default
 		return sc, fmt.Errorf("invalid value 0 for flag --max-message-size: the minimum is %d", wire.MinMaxMessageSize)
 	}
-	if c.maxClientConn < 0 {
-		return sc, fmt.Errorf("invalid value %d for flag --max-client-conn: must not be negative", c.maxClientConn)
+	for _, n := range []struct {
+		flag string
+		v    int
+	}{{"max-client-conn", c.maxClientConn}, {"max-forwarded-sessions", c.maxForwarded}} {
+		if n.v < 0 {
+			return sc, fmt.Errorf("invalid value %d for flag --%s: must not be negative (0 for no limit)", n.v, n.flag)
+		}
+	}
+	if c.jobsListen != "" && c.forward && c.primary == "" {
+		return sc, errors.New("flag --jobs-listen forwards its sessions' writes to the primary: set --primary (or $PGFLY_PRIMARY), or --forward=false for a relay that leaves them the replica's refusal")
+	}
+	if c.jobsListen != "" && filepath.IsAbs(c.listen) && filepath.Clean(c.jobsListen) == filepath.Clean(c.listen) {
+		return sc, fmt.Errorf("flags --listen and --jobs-listen name one directory, %s, where both sockets would be .s.PGSQL.%d (--unix-port): give --jobs-listen another", c.listen, c.unixPort)
 	}
 	if c.tcpUserTimeout == 0 {
 		sc.Relay.TCPUserTimeout = -1 // Go's keepalive defaults
@@ -179,12 +201,30 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 	if c.maxClientConn == 0 {
 		sc.Relay.MaxClientConn = -1 // no limit
 	}
+	if c.maxForwarded == 0 {
+		sc.Relay.MaxForwarded = -1 // no limit
+	}
 	if c.tlsCert != "" {
 		cert, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey)
 		if err != nil {
 			return sc, fmt.Errorf("flags --tls-cert/--tls-key: %w", err)
 		}
 		sc.Relay.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	// Sessions forward where no HTTP request can be replayed for them: the jobs listener's
+	// always, the app's only with the shim off (a write forwarded inside a request that is later
+	// replayed would run twice).
+	primary := ""
+	if c.forward {
+		primary = c.primary
+	}
+	if c.jobsListen != "" {
+		jobs := sc.Relay
+		jobs.Listen, jobs.Primary = c.jobsListen, primary
+		sc.Jobs = &jobs
+	}
+	if c.httpListen == "" {
+		sc.Relay.Primary = primary
 	}
 	// Parsed even with the shim off: a bad value is a mistake either way.
 	replayRoutes, err := router.ParseRoutePatterns(c.replayRoutes)
@@ -227,9 +267,13 @@ func (c *serveConfig) sidecarConfig() (sidecar.Config, error) {
 }
 
 // componentFlags names the flag, and its environment variable, behind each component
-// Config field that a flag sets, with a hint for the error where one helps.
+// Config field that a flag sets, with a hint for the error where one helps. "jobs." fields are
+// the jobs relay's where they differ from the relay's ("wire.") flag.
 var componentFlags = map[string]struct{ flag, hint string }{
 	"wire.Listen":            {"listen", ""},
+	"jobs.Listen":            {"jobs-listen", ""},
+	"wire.Primary":           {"primary", ""},
+	"wire.MaxForwarded":      {"max-forwarded-sessions", ""},
 	"wire.UnixPort":          {"unix-port", ""},
 	"wire.Upstream":          {"upstream", ""},
 	"wire.MaxMessageSize":    {"max-message-size", ""},
@@ -256,6 +300,9 @@ func flagError(fs *flagSet, err error) error {
 	switch {
 	case errors.As(err, &we):
 		field, cause = "wire."+we.Field, we.Err
+		if _, own := componentFlags["jobs."+we.Field]; own && errors.Is(err, sidecar.ErrJobsRelay) {
+			field = "jobs." + we.Field
+		}
 	case errors.As(err, &re):
 		field, cause = "router."+re.Field, re.Err
 	case errors.As(err, &le):

@@ -21,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
+	"github.com/pgfly/pgfly/wire"
 )
 
 // These tests run the pgfly binary as a subprocess, as an operator would, against a real
@@ -106,6 +107,20 @@ func TestServeRejectsBadConfiguration(t *testing.T) {
 			[]string{"--app-timeout", "negative"}, ""},
 		{"bad http idle timeout in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_HTTP_IDLE_TIMEOUT=forever"},
 			[]string{"PGFLY_HTTP_IDLE_TIMEOUT", "http-idle-timeout"}, ""},
+		{"jobs listener without a primary", []string{"--upstream=" + unreachableUpstream, "--jobs-listen=127.0.0.1:0"}, nil,
+			[]string{"--jobs-listen", "--primary", "--forward=false"}, ""},
+		{"jobs listener without a primary, from the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_JOBS_LISTEN=127.0.0.1:0"},
+			[]string{"--jobs-listen", "--primary"}, ""},
+		{"jobs listener on a relative directory", []string{"--upstream=" + unreachableUpstream, "--primary=" + unreachableUpstream, "--jobs-listen=tmp/jobs"}, nil,
+			[]string{"flag --jobs-listen (or $PGFLY_JOBS_LISTEN)", "absolute"}, "flag --listen"},
+		{"jobs listener in the directory of --listen", []string{"--upstream=" + unreachableUpstream, "--primary=" + unreachableUpstream, "--listen=/tmp", "--jobs-listen=/tmp/"}, nil,
+			[]string{"--listen", "--jobs-listen", "/tmp"}, ""},
+		{"negative max forwarded sessions", []string{"--upstream=" + unreachableUpstream, "--max-forwarded-sessions=-1"}, nil,
+			[]string{"--max-forwarded-sessions", "negative"}, ""},
+		{"max forwarded sessions not a number in the environment", []string{"--upstream=" + unreachableUpstream}, []string{"PGFLY_MAX_FORWARDED_SESSIONS=lots"},
+			[]string{"PGFLY_MAX_FORWARDED_SESSIONS", "max-forwarded-sessions"}, ""},
+		{"forward not a bool", []string{"--upstream=" + unreachableUpstream, "--forward=sometimes"}, nil,
+			[]string{"forward"}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -132,6 +147,59 @@ func TestServeRejectsBadConfiguration(t *testing.T) {
 			}
 			if tt.not != "" && strings.Contains(stderr.String(), tt.not) {
 				t.Errorf("stderr contains %q:\n%s", tt.not, stderr.String())
+			}
+		})
+	}
+}
+
+// TestForwardingConfig: which relays forward their sessions' writes to --primary, from the
+// flags. The app's relay never does behind the shim: a write forwarded inside a request that is
+// later replayed would run twice.
+func TestForwardingConfig(t *testing.T) {
+	const primary = "postgres://app:pw@primary.example:5432/app"
+	const jobs = "127.0.0.1:6543"
+	const noJobs = "(no jobs relay)"
+	shim := []string{"--http-listen=127.0.0.1:0", "--primary-region=iad"}
+	tests := []struct {
+		name                string
+		args                []string
+		wantRelay, wantJobs string // each relay's Primary
+		wantMax             int    // each relay's MaxForwarded
+	}{
+		{"the relay alone with --primary forwards", []string{"--http-listen=", "--primary=" + primary}, primary, noJobs, wire.DefaultMaxForwarded},
+		{"the relay alone without --primary cannot", []string{"--http-listen="}, "", noJobs, wire.DefaultMaxForwarded},
+		{"the relay alone and a jobs listener both forward", []string{"--http-listen=", "--primary=" + primary, "--jobs-listen=" + jobs}, primary, primary, wire.DefaultMaxForwarded},
+		{"behind the shim only the jobs listener forwards", append([]string{"--primary=" + primary, "--jobs-listen=" + jobs}, shim...), "", primary, wire.DefaultMaxForwarded},
+		{"behind the shim without a jobs listener nothing forwards", append([]string{"--primary=" + primary}, shim...), "", noJobs, wire.DefaultMaxForwarded},
+		{"--forward=false: nothing forwards", []string{"--http-listen=", "--primary=" + primary, "--jobs-listen=" + jobs, "--forward=false"}, "", "", wire.DefaultMaxForwarded},
+		{"--forward=false: a jobs listener needs no --primary", append([]string{"--jobs-listen=" + jobs, "--forward=false"}, shim...), "", "", wire.DefaultMaxForwarded},
+		{"--max-forwarded-sessions=0 is no limit", []string{"--http-listen=", "--primary=" + primary, "--jobs-listen=" + jobs, "--max-forwarded-sessions=0"}, primary, primary, -1},
+		{"--max-forwarded-sessions=7", []string{"--http-listen=", "--primary=" + primary, "--jobs-listen=" + jobs, "--max-forwarded-sessions=7"}, primary, primary, 7},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fs := newFlagSet("pgfly serve", io.Discard)
+			var cfg serveConfig
+			cfg.register(fs)
+			if err := fs.parse(append([]string{"--upstream=" + unreachableUpstream}, tt.args...)); err != nil {
+				t.Fatal(err)
+			}
+			sc, err := cfg.sidecarConfig()
+			if err != nil {
+				t.Fatal(err)
+			}
+			gotJobs, gotJobsMax := noJobs, tt.wantMax
+			if sc.Jobs != nil {
+				gotJobs, gotJobsMax = sc.Jobs.Primary, sc.Jobs.MaxForwarded
+				if sc.Jobs.Listen != jobs || sc.Jobs.Upstream != sc.Relay.Upstream {
+					t.Errorf("the jobs relay listens on %q and relays to %q, want %q and the relay's upstream", sc.Jobs.Listen, sc.Jobs.Upstream, jobs)
+				}
+			}
+			if sc.Relay.Primary != tt.wantRelay || gotJobs != tt.wantJobs {
+				t.Errorf("Primary: got %q for the relay and %q for the jobs relay, want %q and %q", sc.Relay.Primary, gotJobs, tt.wantRelay, tt.wantJobs)
+			}
+			if sc.Relay.MaxForwarded != tt.wantMax || gotJobsMax != tt.wantMax {
+				t.Errorf("MaxForwarded: got %d and %d, want %d", sc.Relay.MaxForwarded, gotJobsMax, tt.wantMax)
 			}
 		})
 	}

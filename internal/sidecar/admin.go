@@ -75,7 +75,7 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 		PrimaryTimeline:    st.PrimaryTimeline,
 		TwoPrimaries:       st.TwoPrimaries,
 		TwoPrimariesReason: st.TwoPrimariesReason,
-		SessionsOpen:       s.relay.OpenSessions(),
+		SessionsOpen:       s.openSessions(),
 	}
 	if st.PrimaryLSN != 0 {
 		h.PrimaryLSN = st.PrimaryLSN.String()
@@ -96,6 +96,15 @@ func (s *Sidecar) serveHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(h)
+}
+
+// openSessions counts the sessions of both relays.
+func (s *Sidecar) openSessions() int {
+	n := 0
+	for _, relay := range s.relays() {
+		n += relay.OpenSessions()
+	}
+	return n
 }
 
 // systemID formats a system identifier for /health, "" when unknown (0).

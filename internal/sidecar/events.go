@@ -7,8 +7,9 @@ import (
 	"github.com/pgfly/pgfly/wire"
 )
 
-// events is the relay's Observer: it logs each standby refusal, counts it, and hands it to the
-// shim, which taints the requests it may belong to.
+// events is a relay's Observer: it logs each standby refusal, counts it, and hands it to the
+// shim, which taints the requests it may belong to. The jobs relay's has no shim: its sessions
+// belong to no request.
 type events struct {
 	log     *zap.Logger
 	shim    *router.Shim    // nil when the shim is off
@@ -84,5 +85,21 @@ func (e *events) UpstreamFailed(f wire.UpstreamFailure) {
 	}
 }
 
-// Forwarded: a forwarding session's refusal, and what the relay did about it.
-func (e *events) Forwarded(f wire.Forward) {}
+// Forwarded: a forwarding session's refusal, and what the relay did about it. A move the
+// client never saw is news (info); the rest reached the client, as a 40001 to retry, the
+// standby's refusal, or a 53300, or mean the upstream is unreachable (warnings).
+func (e *events) Forwarded(f wire.Forward) {
+	e.metrics().forwards.WithLabelValues(f.Outcome).Inc()
+	fields := []zap.Field{zap.Uint64("session", f.SessionID), zap.String("user", f.User),
+		zap.String("outcome", f.Outcome), zap.String("reason", f.Reason)}
+	switch f.Outcome {
+	case wire.ForwardMoved:
+		e.log.Info("session moved to the primary", fields...)
+	case wire.ForwardRetry:
+		e.log.Warn("session moved to the primary; its client was answered 40001 to retry", fields...)
+	case wire.ForwardDirect:
+		e.log.Warn("session relayed to the primary from its start: the upstream is unreachable", fields...)
+	default: // refused, limit
+		e.log.Warn("session not moved to the primary", fields...)
+	}
+}

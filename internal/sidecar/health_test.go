@@ -86,11 +86,19 @@ func TestHealthTwoPrimaries(t *testing.T) {
 // returns its admin address.
 func start(tb testing.TB, upstream, primary string) string {
 	tb.Helper()
-	s, err := sidecar.New(sidecar.Config{
+	s := startSidecar(tb, sidecar.Config{
 		Relay:       wire.Config{Listen: "127.0.0.1:0", Upstream: upstream},
 		Lag:         lag.Config{Primary: primary},
 		AdminListen: "127.0.0.1:0",
-	}, zaptest.NewLogger(tb))
+	})
+	return s.AdminAddr().String()
+}
+
+// startSidecar starts a pgfly of cfg, closed when tb ends, once its monitor has looked at the
+// servers.
+func startSidecar(tb testing.TB, cfg sidecar.Config) *sidecar.Sidecar {
+	tb.Helper()
+	s, err := sidecar.New(cfg, zaptest.NewLogger(tb))
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -104,7 +112,7 @@ func start(tb testing.TB, upstream, primary string) string {
 	if err := s.Ready(ctx); err != nil {
 		tb.Fatal(err)
 	}
-	return s.AdminAddr().String()
+	return s
 }
 
 // health reads /health from admin.

@@ -22,9 +22,13 @@ type metrics struct {
 	// upstreamFailures counts sessions that could not reach the upstream or lost it, by cause.
 	upstreamFailures *prometheus.CounterVec
 	timeouts         *prometheus.CounterVec
+	forwards         *prometheus.CounterVec
 }
 
-func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
+// newMetrics registers pgfly's metrics. relays are the Postgres relays by listener ("app",
+// "jobs"): each relay's session and byte counts carry its name as the label listener, so that
+// job sessions are told from the app's, and a sum over it is every session.
+func newMetrics(relays map[string]*wire.Server, shim *router.Shim, monitor *lag.Monitor) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		violations: prometheus.NewCounter(prometheus.CounterOpts{
@@ -53,13 +57,17 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 			Name: "pgfly_http_timeouts_total",
 			Help: "HTTP requests the shim answered for a timeout, by timeout (body: 408, the request body did not arrive within --http-body-timeout; app: 504, the app did not start its answer within --app-timeout).",
 		}, []string{"timeout"}),
+		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pgfly_forwards_total",
+			Help: "Standby refusals of sessions with no HTTP request (the jobs listener, or the relay without the shim) and what pgfly did, by outcome (moved: to the primary, the client saw nothing; retry: moved, the client was answered 40001; refused: not moved, the client got the refusal; limit: --max-forwarded-sessions on the primary, answered 53300; direct: the upstream unreachable, relayed to the primary from the start).",
+		}, []string{"outcome"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.upstreamFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pgfly_upstream_failures_total",
 		Help: "Client sessions for which the relay could not reach the upstream or lost it, by cause (connect, login timeout, shutdown: a FATAL 57P, lost).",
 	}, []string{"cause"})
-	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures, m.timeouts)
+	m.reg.MustRegister(m.violations, m.writes, m.replays, m.bookmarkWait, m.tainted, m.upstreamFailures, m.timeouts, m.forwards)
 	// Every known label value from the start, at 0, so that a rate over them is 0 rather than
 	// absent until the first failure (dashboards and alerts see a series to watch).
 	for _, cause := range []string{wire.FailConnect, wire.FailLoginTimeout, wire.FailShutdown, wire.FailLost, wire.FailFenced} {
@@ -78,23 +86,38 @@ func newMetrics(relay *wire.Server, shim *router.Shim, monitor *lag.Monitor) *me
 	for _, t := range []router.Timeout{router.TimeoutBody, router.TimeoutApp} {
 		m.timeouts.WithLabelValues(string(t))
 	}
-	stat := func(f func(wire.Stats) uint64) func() float64 {
-		return func() float64 { return float64(f(relay.Stats())) }
+	for _, o := range []string{wire.ForwardMoved, wire.ForwardRetry, wire.ForwardRefused, wire.ForwardLimit, wire.ForwardDirect} {
+		m.forwards.WithLabelValues(o)
 	}
-	m.reg.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_sessions_open", Help: "Postgres sessions being relayed."},
-			func() float64 { return float64(relay.OpenSessions()) }),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_sessions_total", Help: "Postgres sessions relayed since start."},
-			stat(func(s wire.Stats) uint64 { return s.Sessions })),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction.",
-			ConstLabels: prometheus.Labels{"direction": "to_upstream"}}, stat(func(s wire.Stats) uint64 { return s.BytesIn })),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction.",
-			ConstLabels: prometheus.Labels{"direction": "to_client"}}, stat(func(s wire.Stats) uint64 { return s.BytesOut })),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_upstream_connect_errors_total", Help: "Failed connections to the upstream for client sessions."},
-			stat(func(s wire.Stats) uint64 { return s.ConnectErrors })),
-		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_clients_refused_total", Help: "Client connections answered 53300 because --max-client-conn were open."},
-			stat(func(s wire.Stats) uint64 { return s.Refused })),
-	)
+	for listener, relay := range relays {
+		stat := func(f func(wire.Stats) uint64) func() float64 {
+			return func() float64 { return float64(f(relay.Stats())) }
+		}
+		labels := prometheus.Labels{"listener": listener}
+		m.reg.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_sessions_open", Help: "Postgres sessions being relayed, by listener (app, jobs).",
+				ConstLabels: labels}, func() float64 { return float64(relay.OpenSessions()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_sessions_total", Help: "Postgres sessions relayed since start, by listener (app, jobs).",
+				ConstLabels: labels}, stat(func(s wire.Stats) uint64 { return s.Sessions })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction and listener (app, jobs).",
+				ConstLabels: prometheus.Labels{"listener": listener, "direction": "to_upstream"}}, stat(func(s wire.Stats) uint64 { return s.BytesIn })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_relay_bytes_total", Help: "Bytes relayed, by direction and listener (app, jobs).",
+				ConstLabels: prometheus.Labels{"listener": listener, "direction": "to_client"}}, stat(func(s wire.Stats) uint64 { return s.BytesOut })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_upstream_connect_errors_total", Help: "Failed connections to the upstream for client sessions, by listener (app, jobs).",
+				ConstLabels: labels}, stat(func(s wire.Stats) uint64 { return s.ConnectErrors })),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pgfly_clients_refused_total", Help: "Client connections answered 53300 because --max-client-conn were open, by listener (app, jobs).",
+				ConstLabels: labels}, stat(func(s wire.Stats) uint64 { return s.Refused })),
+		)
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_forwarded_sessions",
+		Help: "Sessions relayed to the primary now (forwarded after a standby refusal, or from their start), both listeners together."},
+		func() float64 {
+			n := 0
+			for _, relay := range relays {
+				n += relay.ForwardedSessions()
+			}
+			return float64(n)
+		}))
 	if shim != nil {
 		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_http_requests_in_flight", Help: "HTTP requests in flight through the shim."},
 			func() float64 { return float64(shim.InFlight()) }),

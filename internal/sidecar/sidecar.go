@@ -20,12 +20,18 @@ import (
 
 // Config is one pgfly instance: each component's own configuration, which the component
 // checks (a field it cannot take comes back as that package's ConfigError), and the admin
-// side. New fills in what it wires between the components: the relay's Fence, the monitor's
+// side. New fills in what it wires between the components: the relays' Fence, the monitor's
 // OnTwoPrimaries, and the shim's Replica, IsPrimary and UpstreamDown hooks. The shim's
 // Observe and ObserveWait feed the metrics; one the caller set is told after them.
 type Config struct {
-	// Relay is the Postgres relay. Its Upstream's credentials serve the monitor too.
+	// Relay is the Postgres relay the app connects to. Its Upstream's credentials serve the
+	// monitor too. Its Primary (forwarding) must be empty with the shim on: a write forwarded
+	// inside an HTTP request that is later replayed would run twice.
 	Relay wire.Config
+	// Jobs, when set, is a second relay for sessions that no HTTP request can replay (job
+	// runners inside the web process): its events never reach the shim, so that a job's
+	// refusal or lost upstream taints no request. Its Primary makes it forward their writes.
+	Jobs *wire.Config
 	// Lag is the monitor; its Upstream is Relay.Upstream when empty.
 	Lag lag.Config
 	// Shim is the HTTP shim; nil runs the relay alone.
@@ -42,6 +48,7 @@ type Sidecar struct {
 	log     *zap.Logger
 	monitor *lag.Monitor
 	relay   *wire.Server
+	jobs    *wire.Server // nil when the jobs listener is off
 	shim    *router.Shim // nil when the shim is off
 	metrics *metrics
 	admin   *http.Server // nil when the admin endpoints are off
@@ -49,6 +56,10 @@ type Sidecar struct {
 
 	done chan error // the first component that stopped on its own
 }
+
+// ErrJobsRelay marks an error of the jobs relay (Config.Jobs), beside the wire.ConfigError
+// it wraps, so that a caller can tell the jobs relay's Listen from Relay's.
+var ErrJobsRelay = errors.New("jobs relay")
 
 // New builds the components; nothing listens or connects yet.
 func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
@@ -58,12 +69,20 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 	if cfg.MaxLag == 0 {
 		cfg.MaxLag = DefaultMaxLag
 	}
-	s := &Sidecar{cfg: cfg, log: log, done: make(chan error, 3)}
+	if cfg.Shim != nil && cfg.Relay.Primary != "" {
+		return nil, errors.New("sidecar: Relay.Primary is set with the HTTP shim on: a write forwarded inside a request that is later replayed would run twice (forward from Jobs instead)")
+	}
+	s := &Sidecar{cfg: cfg, log: log, done: make(chan error, 4)}
 	lc := cfg.Lag
 	if lc.Upstream == "" {
 		lc.Upstream = cfg.Relay.Upstream
 	}
-	lc.OnTwoPrimaries = func() { s.relay.Fenced() }
+	lc.OnTwoPrimaries = func() {
+		s.relay.Fenced()
+		if s.jobs != nil {
+			s.jobs.Fenced()
+		}
+	}
 	monitor, err := lag.New(lc, log.Named("lag"))
 	if err != nil {
 		return nil, err
@@ -103,16 +122,36 @@ func New(cfg Config, log *zap.Logger) (*Sidecar, error) {
 		upstreamStandby: func() bool { return monitor.Status().Role == lag.RoleReplica },
 		lastSeenStandby: func() bool { return monitor.Status().LastRole == lag.RoleReplica },
 		kick:            monitor.SuspectDown}
+	fence := func() bool { return monitor.Status().TwoPrimaries }
 	wc := cfg.Relay
-	wc.Fence = func() bool { return monitor.Status().TwoPrimaries }
+	wc.Fence = fence
 	if s.relay, err = wire.NewServer(wc, ev, log.Named("wire")); err != nil {
 		return nil, err
 	}
-	s.metrics = newMetrics(s.relay, s.shim, monitor)
+	if cfg.Jobs != nil {
+		jobsEv := *ev
+		jobsEv.log, jobsEv.shim = log.Named("events.jobs"), nil // a job's events taint no request
+		jc := *cfg.Jobs
+		jc.Fence = fence
+		if s.jobs, err = wire.NewServer(jc, &jobsEv, log.Named("wire.jobs")); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrJobsRelay, err)
+		}
+	}
+	s.metrics = newMetrics(s.relays(), s.shim, monitor)
 	if cfg.AdminListen != "" {
 		s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
 	}
 	return s, nil
+}
+
+// relays are the Postgres relays by the name of their listener in metrics: "app" and, when
+// it is on, "jobs".
+func (s *Sidecar) relays() map[string]*wire.Server {
+	relays := map[string]*wire.Server{"app": s.relay}
+	if s.jobs != nil {
+		relays["jobs"] = s.jobs
+	}
+	return relays
 }
 
 // Listen binds every listener, so that ports are known before Start.
@@ -120,9 +159,15 @@ func (s *Sidecar) Listen() error {
 	if err := s.relay.Listen(); err != nil {
 		return fmt.Errorf("postgres listener (--listen): %w", err)
 	}
+	if s.jobs != nil {
+		if err := s.jobs.Listen(); err != nil {
+			s.relay.Close()
+			return fmt.Errorf("jobs listener (--jobs-listen): %w", err)
+		}
+	}
 	if s.shim != nil {
 		if err := s.shim.Listen(); err != nil {
-			s.relay.Close()
+			s.Close()
 			return fmt.Errorf("http listener (--http-listen): %w", err)
 		}
 	}
@@ -142,6 +187,9 @@ func (s *Sidecar) Listen() error {
 func (s *Sidecar) Start() {
 	s.monitor.Start()
 	go func() { s.done <- stopped("postgres relay", s.relay.Serve()) }()
+	if s.jobs != nil {
+		go func() { s.done <- stopped("jobs relay", s.jobs.Serve()) }()
+	}
 	if s.shim != nil {
 		go func() { s.done <- stopped("http shim", s.shim.Serve()) }()
 	}
@@ -179,6 +227,14 @@ func (s *Sidecar) Ready(ctx context.Context) error { return s.monitor.Ready(ctx)
 // PostgresAddr is where the app connects.
 func (s *Sidecar) PostgresAddr() net.Addr { return s.relay.Addr() }
 
+// JobsAddr is where job runners connect; nil when the jobs listener is off.
+func (s *Sidecar) JobsAddr() net.Addr {
+	if s.jobs == nil {
+		return nil
+	}
+	return s.jobs.Addr()
+}
+
 // HTTPAddr is where the edge sends HTTP; nil when the shim is off.
 func (s *Sidecar) HTTPAddr() net.Addr {
 	if s.shim == nil {
@@ -200,7 +256,7 @@ func (s *Sidecar) Status() lag.Status { return s.monitor.Status() }
 
 // Shutdown stops accepting, lets open requests and sessions finish until ctx is done, and
 // then closes what is left, in the reverse order of Start: the admin endpoints, HTTP (requests
-// in flight still need their sessions and bookmarks), the relay, and the monitor last.
+// in flight still need their sessions and bookmarks), both relays, and the monitor last.
 func (s *Sidecar) Shutdown(ctx context.Context) error {
 	errs := []error{s.closeAdmin()}
 	if s.shim != nil {
@@ -209,8 +265,20 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 			s.shim.Close()
 		}
 	}
+	// The two relays at once: each stops accepting now, and neither's sessions need the
+	// other's, so that each has the whole of ctx.
+	var jobs chan error
+	if s.jobs != nil {
+		jobs = make(chan error, 1)
+		go func() { jobs <- s.jobs.Shutdown(ctx) }()
+	}
 	if err := s.relay.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("postgres relay: %w", err))
+	}
+	if jobs != nil {
+		if err := <-jobs; err != nil {
+			errs = append(errs, fmt.Errorf("jobs relay: %w", err))
+		}
 	}
 	return errors.Join(append(errs, s.monitor.Close())...)
 }
@@ -220,6 +288,9 @@ func (s *Sidecar) Close() error {
 	errs := []error{s.closeAdmin()}
 	if s.shim != nil {
 		errs = append(errs, s.shim.Close())
+	}
+	if s.jobs != nil {
+		errs = append(errs, s.jobs.Close())
 	}
 	return errors.Join(append(errs, s.relay.Close(), s.monitor.Close())...)
 }
