@@ -739,14 +739,15 @@ type loginError struct{ err error }
 func (e *loginError) Error() string { return e.err.Error() }
 func (e *loginError) Unwrap() error { return e.err }
 
-// dialPrimary logs in to the primary as ss's user, to ss's database, with ss's startup
-// parameters, and the primary URL's password when its user is ss's. The upstream has already
-// accepted ss's own login, so a password-less line on the replica gives nothing on the primary
-// that its own pg_hba.conf does not.
-func (s *Server) dialPrimary(ss *session) (*primaryConn, error) {
+// primaryLogin is how ss logs in to the primary: as its own user, to its own database, with
+// its own startup parameters, and with the primary URL's password only when the URL's user is
+// ss's and the upstream made the client prove who it is before accepting it (a password, SASL,
+// GSS). A client the upstream trusted without proof (a trust line) gets no password: it has on
+// the primary only what the primary's own pg_hba.conf gives a password-less login.
+func (s *Server) primaryLogin(ss *session) *pgconn.Config {
 	cfg := s.primaryCfg.Copy()
 	cfg.User, cfg.Database = ss.info.User, ss.info.Database
-	if ss.info.User != s.primaryCfg.User {
+	if ss.info.User != s.primaryCfg.User || !ss.challenged {
 		cfg.Password = ""
 	}
 	cfg.RuntimeParams = make(map[string]string, len(ss.params))
@@ -756,6 +757,12 @@ func (s *Server) dialPrimary(ss *session) (*primaryConn, error) {
 		}
 	}
 	cfg.DialFunc = s.primaryUp.dialer.DialContext
+	return cfg
+}
+
+// dialPrimary opens a backend on the primary for ss (see primaryLogin).
+func (s *Server) dialPrimary(ss *session) (*primaryConn, error) {
+	cfg := s.primaryLogin(ss)
 	ctx, cancel := context.WithTimeout(context.Background(), s.primaryUp.timeout)
 	defer cancel()
 	pc, err := pgconn.ConnectConfig(ctx, cfg)

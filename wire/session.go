@@ -3,6 +3,7 @@ package wire
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -42,6 +43,9 @@ type session struct {
 	// upstream was unreachable), not to the upstream that Fenced is about.
 	onPrimary atomic.Bool
 	direct    bool // relayed to the primary from its start; it counts under MaxForwarded
+	// challenged: the upstream asked the client for a password (or a SASL or GSS exchange)
+	// before accepting its login; owned by the upstream-to-client goroutine.
+	challenged bool
 
 	// proto follows the conversation and says what its messages mean; the copy goroutines
 	// feed it from inspectClient and inspectServer.
@@ -555,6 +559,9 @@ func (ss *session) inspectServer(typ byte, msg []byte, _ bool) ([]byte, error) {
 		ss.srv.keys.set(ss, string(body))
 		return nil, nil
 	case 'R':
+		if len(body) >= 4 && binary.BigEndian.Uint32(body) != 0 {
+			ss.challenged = true // the client had to prove who it is
+		}
 		ss.login.authRequest(body)
 		return stripChannelBinding(body)
 	}
