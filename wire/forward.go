@@ -132,6 +132,15 @@ func (f *forwarder) tap(b []byte) {
 // inspect is the upstream-to-client pump's inspect for a forwarding session.
 func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 	ss := f.ss
+	if !f.ready && !f.moved && typ == 'E' && f.out.n == 0 {
+		if e := parseError(msg[headerLen:]); string(e.severity) == "FATAL" && string(e.code) == codeCannotConnectNow {
+			// The replica is starting up or shutting down: the client, which has been sent
+			// nothing yet, logs in to the primary instead.
+			if err := f.direct(string(e.message)); err == nil {
+				return suppressed, nil
+			}
+		}
+	}
 	if !f.active {
 		var repl []byte
 		if ss.srv.watchOut[typ] {
@@ -417,6 +426,30 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 		return refused("could not set the session's state on the primary: " + err.Error())
 	}
 	return moveResult{primary: p}
+}
+
+// direct relays a session whose upstream refused its startup (why) to the primary instead, from
+// its startup message on.
+func (f *forwarder) direct(why string) error {
+	ss := f.ss
+	up, err := ss.dialDirect(errors.New(why))
+	if err != nil {
+		return err
+	}
+	if _, err := up.Write(ss.startup); err != nil {
+		up.Close()
+		ss.srv.forwarded.Add(-1)
+		ss.direct = false
+		return err
+	}
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	ss.swapUpstream(up).Close()
+	ss.login.retarget(up)
+	f.w.c, f.w.recording = up, false
+	f.out.src, f.out.watch, f.out.tap = up, &ss.srv.watchOut, nil
+	f.moved = true
+	return nil
 }
 
 // switchTo makes p the session's upstream. The caller holds w.mu.

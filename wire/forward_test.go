@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgfly/pgfly/internal/pgcluster"
 	"github.com/pgfly/pgfly/wire"
@@ -478,5 +481,182 @@ func TestForwardTemporaryTable(t *testing.T) {
 	var n int
 	if err := c.QueryRow(ctx, "SELECT count(*) FROM fwd_scratch").Scan(&n); err != nil || n != 2 {
 		t.Fatalf("the temporary table: %d rows, %v", n, err)
+	}
+}
+
+// A job runner's load through a forwarding relay, on a cluster of its own: 8 workers, 200
+// jobs, each a transaction that reads and then writes its job's id, retried up to 3 times as
+// job runners do; each worker reconnects every 5 jobs. The replica is stopped after 50 jobs
+// and started again after 100. Every job that reported success wrote exactly once; none that
+// failed in the end wrote at all.
+func TestForwardJobRunnerLoad(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c, err := pgcluster.Start(ctx, pgcluster.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	admin := connectURL(t, c.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if _, err := admin.Exec(ctx, "CREATE TABLE jobs_done (job int, worker int); GRANT ALL ON jobs_done TO PUBLIC"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	role := pgcluster.RoleSCRAM
+	r := startRelay(t, c.Replica.URL("", "", ""), wire.Config{
+		Primary: c.Primary.URL(role.Name, role.Password, pgcluster.Database), ConnectTimeout: 2 * time.Second})
+	url := r.url(role)
+
+	const jobs, workers, attempts = 200, 8, 3
+	queue := make(chan int, jobs)
+	for j := range jobs {
+		queue <- j
+	}
+	close(queue)
+	var mu sync.Mutex
+	succeeded := map[int]bool{}
+	done := 0
+	replicaDown := make(chan struct{})
+	replicaUp := make(chan struct{})
+	runJob := func(conn *pgx.Conn, job, worker int) error {
+		return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			var n int
+			if err := tx.QueryRow(ctx, "SELECT count(*) FROM jobs_done WHERE job = $1", job).Scan(&n); err != nil {
+				return err
+			}
+			if err := tx.QueryRow(ctx, "SELECT count(*) FROM jobs_done WHERE worker = $1 AND job > $2", worker, job).Scan(&n); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, "INSERT INTO jobs_done VALUES ($1, $2)", job, worker)
+			return err
+		})
+	}
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var conn *pgx.Conn
+			used := 0
+			for job := range queue {
+				ok := false
+				for range attempts {
+					if conn == nil || conn.IsClosed() || used == 5 {
+						if conn != nil {
+							conn.Close(ctx)
+						}
+						conn, used = nil, 0
+						if conn, err = pgx.Connect(ctx, url); err != nil {
+							conn = nil
+							continue
+						}
+					}
+					used++
+					if runJob(conn, job, w) == nil {
+						ok = true
+						break
+					}
+				}
+				mu.Lock()
+				succeeded[job] = ok
+				done++
+				switch done {
+				case 50:
+					close(replicaDown)
+				case 100:
+					close(replicaUp)
+				}
+				mu.Unlock()
+			}
+			if conn != nil {
+				conn.Close(ctx)
+			}
+		}()
+	}
+	<-replicaDown
+	if err := c.Replica.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	<-replicaUp
+	if err := c.Replica.Start(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+
+	rows := map[int]int{}
+	res, err := admin.Query(ctx, "SELECT job, count(*) FROM jobs_done GROUP BY job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for res.Next() {
+		var job, n int
+		if err := res.Scan(&job, &n); err != nil {
+			t.Fatal(err)
+		}
+		rows[job] = n
+	}
+	if err := res.Err(); err != nil {
+		t.Fatal(err)
+	}
+	ok := 0
+	for job := range jobs {
+		switch {
+		case succeeded[job] && rows[job] != 1:
+			t.Errorf("job %d reported success and wrote %d rows, want exactly 1", job, rows[job])
+		case !succeeded[job] && rows[job] != 0:
+			t.Errorf("job %d failed and wrote %d rows, want 0", job, rows[job])
+		}
+		if succeeded[job] {
+			ok++
+		}
+	}
+	count := map[string]int{}
+	for _, f := range r.events.Forwards() {
+		count[f.Outcome]++
+	}
+	t.Logf("%d of %d jobs succeeded; forward outcomes %v", ok, jobs, count)
+	if ok < jobs*9/10 {
+		t.Errorf("only %d of %d jobs succeeded in %d attempts", ok, jobs, attempts)
+	}
+	if count[wire.ForwardMoved] == 0 || count[wire.ForwardDirect] == 0 {
+		t.Errorf("forward outcomes %v: want sessions moved, and sessions relayed to the primary while the replica was down", count)
+	}
+}
+
+// A replica that refuses the startup with 57P03 (starting up, shutting down: a real one does so
+// only for a moment) is down for a forwarding session: the client, sent nothing yet, logs in to
+// the primary instead. A scripted server plays the replica.
+func TestForwardDirectWhenTheReplicaCannotAcceptConnections(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			be := pgproto3.NewBackend(c, c)
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := be.ReceiveStartupMessage(); err == nil {
+				be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "57P03", Message: "the database system is shutting down"})
+				be.Flush()
+			}
+			c.Close()
+		}
+	}()
+	cfg := wire.Config{Primary: cluster.Primary.URL(pgcluster.RoleSCRAM.Name, pgcluster.RoleSCRAM.Password, pgcluster.Database)}
+	r := startRelay(t, "postgres://"+ln.Addr().String()+"/?sslmode=disable", cfg)
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	var recovery bool
+	if err := c.QueryRow(context.Background(), "SELECT pg_is_in_recovery()").Scan(&recovery); err != nil || recovery {
+		t.Fatalf("a session whose replica is shutting down: in recovery %v, %v; want the primary", recovery, err)
+	}
+	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "direct" {
+		t.Fatalf("forward outcomes %v, want direct", got)
 	}
 }

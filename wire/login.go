@@ -76,6 +76,16 @@ func (l *loginTimer) end(stopping bool) {
 	}
 }
 
+// retarget moves the timer to c, a new upstream connection for a login under way.
+func (l *loginTimer) retarget(c net.Conn) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.conn = c
+	if !l.over.Load() {
+		c.SetReadDeadline(l.deadline)
+	}
+}
+
 // expired reports whether a wait for the server outlived the timeout, which explains an
 // upstream read that failed on its deadline.
 func (l *loginTimer) expired() bool {

@@ -506,7 +506,7 @@ func (ss *session) dialDirect(err error) (net.Conn, error) {
 		s.forwarded.Add(-1)
 		return nil, fmt.Errorf("%w; and the primary: %v", err, perr)
 	}
-	ss.direct = true
+	ss.direct = true // the caller undoes it, and the count, if it cannot use up
 	ss.onPrimary.Store(true)
 	ss.info.Upstream = s.primaryUp.name
 	s.log.Info("upstream unreachable: session relayed to the primary", zap.String("client", ss.info.ClientAddr),
