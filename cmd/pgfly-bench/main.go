@@ -81,7 +81,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		c.pgflyEnv = append(c.pgflyEnv, v)
 		return nil
 	})
-	sections := fs.String("sections", "1,2,3,4,5,6", "which sections to run, comma-separated")
+	sections := fs.String("sections", "1,2,3,4,5,6,7", "which sections to run, comma-separated")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -94,8 +94,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	c.sections = map[int]bool{}
 	for s := range strings.SplitSeq(*sections, ",") {
 		var n int
-		if _, err := fmt.Sscanf(strings.TrimSpace(s), "%d", &n); err != nil || n < 1 || n > 6 {
-			return c, fmt.Errorf("invalid value %q for flag --sections: want numbers from 1 to 6", *sections)
+		if _, err := fmt.Sscanf(strings.TrimSpace(s), "%d", &n); err != nil || n < 1 || n > 7 {
+			return c, fmt.Errorf("invalid value %q for flag --sections: want numbers from 1 to 7", *sections)
 		}
 		c.sections[n] = true
 	}
@@ -125,6 +125,8 @@ type profile struct {
 	bookmarkRequests int
 	// Section 6: requests per client, for each of mixedClients clients.
 	mixedRequests int
+	// Section 7: jobs per way.
+	jobs int
 }
 
 func profileFor(c config) profile {
@@ -143,6 +145,7 @@ func profileFor(c config) profile {
 		shimTime: time.Second, shimReps: 3,
 		requests: 100, bookmarkRequests: 50,
 		mixedRequests: 100,
+		jobs:          30,
 	}
 	switch {
 	case c.smoke:
@@ -155,6 +158,7 @@ func profileFor(c config) profile {
 			shimRequests: 30, shimReps: 1,
 			requests: 3, bookmarkRequests: 3,
 			mixedRequests: 5,
+			jobs:          2,
 		}
 	case c.quick:
 		return profile{
@@ -169,6 +173,7 @@ func profileFor(c config) profile {
 			shimTime: 200 * time.Millisecond, shimReps: 1,
 			requests: 6, bookmarkRequests: 6,
 			mixedRequests: 30,
+			jobs:          6,
 		}
 	}
 	return full
@@ -197,6 +202,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		{3, b.shimCost},
 		{4, b.seedClaim},
 		{6, b.mixedLoad},
+		{7, b.jobsForwarding},
 	} {
 		if !cfg.sections[s.n] && !(s.n == 4 && cfg.sections[5]) {
 			continue
