@@ -51,14 +51,15 @@ func TestSmoke(t *testing.T) {
 	t.Run("every target is judged", func(t *testing.T) {
 		// Section 1: four targets (16 clients, 1 client and CPU) and one per counter per
 		// transaction (syscalls only where perf can count them), 2: one, 3: two (two response
-		// sizes), 4: two, 6: three (reads replayed, replica runs, write latency).
+		// sizes), 4: two, 6: three (reads replayed, replica runs, write latency), 7: four (a
+		// connection per job or one for all, in a transaction or not).
 		counters := 2
 		if perf, _ := findPerf(t.Context()); perf != "" {
 			counters = 3
 		}
-		want := map[string]int{"1": 4 + counters, "2": 1, "3": 2, "4": 2, "6": 3}
+		want := map[string]int{"1": 4 + counters, "2": 1, "3": 2, "4": 2, "6": 3, "7": 4}
 		got := map[string]int{}
-		row := regexp.MustCompile(`(?m)^\| ([1-6]) \| [^|]+ \| (met|missed) \| [^|]*[0-9][^|]* \|$`)
+		row := regexp.MustCompile(`(?m)^\| ([1-7]) \| [^|]+ \| (met|missed) \| [^|]*[0-9][^|]* \|$`)
 		for _, m := range row.FindAllStringSubmatch(report, -1) {
 			got[m[1]]++
 		}
@@ -67,8 +68,8 @@ func TestSmoke(t *testing.T) {
 				t.Errorf("section %s: got %d judged targets in the summary, want %d:\n%s", s, got[s], n, report)
 			}
 		}
-		if n := strings.Count(report, "- Target: "); n != 12+counters {
-			t.Errorf("got %d target lines under the sections, want %d", n, 12+counters)
+		if n := strings.Count(report, "- Target: "); n != 16+counters {
+			t.Errorf("got %d target lines under the sections, want %d", n, 16+counters)
 		}
 	})
 
