@@ -2,22 +2,16 @@ package wire
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
-	"io"
 	"net"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 )
 
@@ -46,14 +40,27 @@ import (
 //     answered 40001; the session is on the primary, where its retry runs.
 //
 // A session whose state cannot be carried, or that has no way to log in to the primary, is
-// answered the standby's own refusal; past Config.MaxForwarded, 53300. A moved session stays
-// on the primary for the rest of its life.
+// answered the standby's own refusal; past Config.MaxForwarded, 53300.
+//
+// A moved session keeps its replica backend, idle, and moves back to it (back) at a later
+// point where it is idle outside a transaction block, once the replica has replayed the
+// primary's WAL as far as it was then: the session reads its own writes, and nothing it saw
+// goes back in time. Its settings and prepared statements go with it, and its primary backend
+// is kept in turn, idle, for its next write. A session that holds on the primary what cannot be
+// carried stays there, as does one whose replica backend is gone.
 const (
 	maxRecorded  = 1 << 20  // what a client sends in one epoch, kept for a re-run
 	maxHeld      = 64 << 10 // metadata held back from the client before a request's results
 	rerunTimeout = time.Minute
 	// keptRecording is the recording buffer a session keeps between epochs; a larger one is let go.
 	keptRecording = 64 << 10
+	// A moved session waits at most maxCatchUp for the replica to replay the primary's WAL
+	// position (and no longer than two round trips to the primary, which is what each of its
+	// requests would cost there); when the replica is further behind, it tries again at an idle
+	// point recheckAfter later.
+	maxCatchUp   = time.Second
+	minCatchUp   = 10 * time.Millisecond
+	recheckAfter = time.Second
 )
 
 // SQLSTATE pgfly answers for a request it could not re-run on the primary.
@@ -72,8 +79,20 @@ type forwarder struct {
 
 	ready   bool // the login is over
 	active  bool // this epoch is followed: the upstream is a hot standby
-	moved   bool // the session is on the primary
-	counted bool // it counts under MaxForwarded
+	moved   bool // the session is on the primary now
+	pinned  bool // and stays there: it holds what cannot move back, or has no replica backend
+	counted bool // it has a primary backend, counted under MaxForwarded
+
+	pri  *primaryConn // the session's primary backend, once it has one
+	rep  net.Conn     // its replica backend, kept idle while it is on the primary
+	kept sessionState // what the idle one of the two holds
+
+	// retried: the client was answered 40001, and its retry is to run on the primary: the
+	// session does not move back until a transaction that wrote has ended there (commits
+	// past retriedAt). nextBack is when it tries again after the replica was found behind.
+	retried   bool
+	retriedAt uint64
+	nextBack  time.Time
 
 	hash          hash.Hash // of what the client received in this epoch
 	units         int       // requests answered in this epoch
@@ -149,9 +168,11 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 				return nil, err
 			}
 		}
-		if typ == 'Z' && !f.moved {
+		if typ == 'Z' {
 			f.ready = true
-			f.idle()
+			if err := f.idle(); err != nil {
+				return nil, err
+			}
 		}
 		return repl, nil
 	}
@@ -249,16 +270,21 @@ func (f *forwarder) deliver(typ byte, msg []byte, whole bool) ([]byte, error) {
 // idle acts on a ReadyForQuery the protocol has noted: when it leaves the session idle outside
 // a transaction block, a session owed a move moves, and a new epoch begins.
 func (f *forwarder) idle() error {
-	if f.moved || f.ss.proto.busy() || f.ss.proto.status() != TxIdle {
+	if f.ss.proto.busy() || f.ss.proto.status() != TxIdle {
 		return nil
 	}
-	if f.moveAtIdle != "" {
+	if f.moved {
+		if err := f.back(); err != nil || f.moved {
+			return err
+		}
+	} else if f.moveAtIdle != "" {
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
 		f.w.mu.Lock()
 		res := f.connect(TxIdle)
 		if res.primary != nil {
-			f.switchTo(res.primary)
+			f.switchTo(res.primary, res.state)
+			f.retried, f.retriedAt = true, f.ss.proto.commits
 		}
 		f.w.mu.Unlock()
 		if res.primary == nil { // the client was answered 40001 for nothing: say why
@@ -301,6 +327,9 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 	switch res.outcome {
 	case ForwardRetry:
 		answer = retryError(res.reason)
+		if f.moved {
+			f.retried, f.retriedAt = true, f.ss.proto.commits
+		}
 	case ForwardLimit:
 		answer = errorMessage("ERROR", codeTooManyConnections, fmt.Sprintf("pgfly: this statement needs the primary, and %d sessions "+
 			"are on it already (--max-forwarded-sessions)", f.ss.srv.cfg.MaxForwarded))
@@ -322,6 +351,7 @@ func retryError(why string) []byte {
 type moveResult struct {
 	outcome, reason string
 	primary         *primaryConn // connect's, nil unless it succeeded
+	state           sessionState // connect's: the replica backend's, which it keeps
 	err             error        // the session must end
 }
 
@@ -356,31 +386,28 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		same, pstatus, err := f.rerun(p, rec[:refused])
 		switch {
 		case err != nil:
-			p.close(ss)
+			f.dropPrimary()
 			return moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()}
 		case !same:
 			why = "the transaction's earlier statements returned different results on the primary"
 			if pstatus != TxIdle {
 				if _, err := f.exchange(p.conn, queryMessage("ROLLBACK"), 1, ss.srv.primaryUp.timeout, nil); err != nil {
-					p.close(ss)
+					f.dropPrimary()
 					return moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()}
 				}
 			}
 		}
 	}
 	if why == "" {
-		if !ss.setDeadline(p.conn, time.Now().Add(ss.srv.primaryUp.timeout)) {
-			p.close(ss)
-			return moveResult{err: errStopping}
-		}
-		_, err := p.conn.Write(rec[refused:])
-		p.conn.SetDeadline(time.Time{})
-		if err != nil {
-			p.close(ss)
+		if err := f.send(p.conn, rec[refused:], ss.srv.primaryUp.timeout); err != nil {
+			f.dropPrimary()
+			if err == errStopping {
+				return moveResult{err: err}
+			}
 			return moveResult{err: fmt.Errorf("%w: %v", errPrimaryLost, err)}
 		}
 	}
-	f.switchTo(p)
+	f.switchTo(p, res.state)
 	if why == "" {
 		return moveResult{outcome: ForwardMoved}
 	}
@@ -399,12 +426,23 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 			return refused("the replica failed: " + err.Error())
 		}
 	}
-	st, err := f.sessionState(rep)
+	st, err := f.readState(rep, srv.upstream.timeout, stateQuery)
 	if err != nil {
 		return refused("could not read the session's state on the replica: " + err.Error())
 	}
 	if st.blocker != "" {
 		return refused("the session holds " + st.blocker + ", which cannot move to the primary")
+	}
+	fresh := parsedNames(f.w.rec) // the re-run prepares these
+	if f.pri != nil {             // its primary backend, kept from an earlier move
+		if err := f.carry(f.pri.conn, st, f.kept, fresh, srv.primaryUp.timeout); err == nil {
+			return moveResult{primary: f.pri, state: st}
+		} else if err == errStopping {
+			return moveResult{err: err}
+		} else {
+			srv.log.Info("the session's primary backend failed: opening another", zap.Uint64("session", ss.info.ID), zap.Error(err))
+			f.dropPrimary()
+		}
 	}
 	if max := srv.cfg.MaxForwarded; max > 0 && srv.forwarded.Add(1) > int64(max) {
 		srv.forwarded.Add(-1)
@@ -421,11 +459,47 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 		}
 		return refused(err.Error())
 	}
-	if err := f.carry(p, st, parsedNames(f.w.rec)); err != nil {
-		p.close(ss)
+	f.pri, f.counted = p, true
+	if err := f.carry(p.conn, st, sessionState{}, fresh, srv.primaryUp.timeout); err != nil {
+		f.dropPrimary()
+		if err == errStopping {
+			return moveResult{err: err}
+		}
 		return refused("could not set the session's state on the primary: " + err.Error())
 	}
-	return moveResult{primary: p}
+	return moveResult{primary: p, state: st}
+}
+
+// carry makes the backend on c, which holds have, hold want: its settings and prepared
+// statements, but those named in fresh, which the requests about to be sent there prepare.
+func (f *forwarder) carry(c net.Conn, want, have sessionState, fresh map[string]bool, timeout time.Duration) error {
+	msgs, zs := settingsTo(want.settings, have.settings), 0
+	if msgs != nil {
+		zs++
+	}
+	pm, pz := statementsTo(want.prepared, have.prepared, fresh)
+	if zs+pz == 0 {
+		return nil
+	}
+	_, err := f.exchange(c, append(msgs, pm...), zs+pz, timeout, nil)
+	return err
+}
+
+// dropPrimary closes the session's primary backend, which it is not on.
+func (f *forwarder) dropPrimary() {
+	if f.pri != nil {
+		f.pri.close(f.ss)
+		f.pri, f.counted = nil, false
+	}
+}
+
+// closeKept closes the backend kept idle, when the session ends; the caller closes the other.
+func (f *forwarder) closeKept() {
+	if f.moved && f.rep != nil {
+		f.rep.Close()
+	} else if !f.moved && f.pri != nil {
+		f.pri.conn.Close()
+	}
 }
 
 // direct relays a session whose upstream refused its startup (why) to the primary instead, from
@@ -448,21 +522,130 @@ func (f *forwarder) direct(why string) error {
 	ss.login.retarget(up)
 	f.w.c, f.w.recording = up, false
 	f.out.src, f.out.watch, f.out.tap = up, &ss.srv.watchOut, nil
-	f.moved = true
+	f.moved, f.pinned = true, true
 	return nil
 }
 
-// switchTo makes p the session's upstream. The caller holds w.mu.
-func (f *forwarder) switchTo(p *primaryConn) {
+// switchTo makes p the session's upstream and keeps its replica backend, which holds st,
+// idle. The caller holds w.mu.
+func (f *forwarder) switchTo(p *primaryConn, st sessionState) {
 	ss := f.ss
-	old := ss.swapUpstream(p.conn)
-	f.w.c, f.w.recording, f.w.rec = p.conn, false, nil
+	f.rep, f.kept = ss.swapUpstream(p.conn), st
+	f.w.c, f.w.recording = p.conn, false
 	f.out.src, f.out.watch, f.out.tap = p.conn, &ss.srv.watchOut, nil
-	f.moved, f.active, f.counted = true, false, true
+	f.moved, f.active = true, false
 	f.primaryKey.Store(p.key)
 	ss.onPrimary.Store(true)
 	ss.proto.standby.Store("off")
-	old.Close() // the replica's backend: nothing of the session is left there
+}
+
+// back moves a session on the primary, idle outside a transaction block, back to its replica
+// backend once that has replayed the primary's WAL as far as it is now; the session's settings
+// and prepared statements go with it. It is the caller's ReadyForQuery that waits meanwhile:
+// the client has been told nothing of the session's state on the primary yet.
+func (f *forwarder) back() error {
+	ss, w := f.ss, f.w
+	if f.pinned || f.rep == nil || time.Now().Before(f.nextBack) {
+		return nil
+	}
+	if f.retried && ss.proto.commits == f.retriedAt {
+		return nil
+	}
+	f.retried = false
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if ss.proto.busy() || f.out.after > 0 || f.moveAtIdle != "" {
+		return nil // the client has sent more, or the primary said more: it runs there
+	}
+	start := time.Now()
+	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery)
+	var se *sqlError
+	switch {
+	case errors.As(err, &se) || err == nil && st.lsn == "":
+		f.stay("could not read the session's state on the primary: " + fmt.Sprint(err))
+		return nil
+	case err != nil:
+		return err // the primary is lost, after its answer: the session ends, and nothing is unknown
+	case st.blocker != "":
+		f.stay("the session holds " + st.blocker + " on the primary")
+		return nil
+	}
+	caught, err := f.caughtUp(st.lsn, time.Since(start))
+	if err == nil && !caught {
+		f.nextBack = time.Now().Add(recheckAfter)
+		return nil
+	}
+	if err == nil {
+		err = f.carry(f.rep, st, f.kept, nil, ss.srv.upstream.timeout)
+	}
+	if err == errStopping {
+		return err
+	}
+	if err != nil {
+		f.rep.Close()
+		f.rep = nil
+		f.stay("its replica backend failed: " + err.Error())
+		return nil
+	}
+	f.kept = st
+	ss.swapUpstream(f.rep)
+	f.w.c = f.rep
+	f.out.src, f.out.watch, f.out.tap = f.rep, &watchAll, f.tap
+	f.rep, f.moved = nil, false
+	f.primaryKey.Store("")
+	ss.onPrimary.Store(false)
+	ss.proto.standby.Store("on")
+	f.report(ForwardBack, "")
+	return nil
+}
+
+// stay keeps a moved session on the primary for the rest of its life, for why.
+func (f *forwarder) stay(why string) {
+	f.pinned = true
+	f.ss.srv.log.Info("session stays on the primary", zap.Uint64("session", f.ss.info.ID), zap.String("user", f.ss.info.User), zap.String("reason", why))
+}
+
+// caughtUp polls the idle replica backend until the replica has replayed the primary's WAL
+// as far as lsn, for as long as two of the session's round trips to the primary (rtt) take,
+// within minCatchUp and maxCatchUp.
+func (f *forwarder) caughtUp(lsn string, rtt time.Duration) (bool, error) {
+	if !validLSN(lsn) {
+		return false, fmt.Errorf("the primary gave an invalid WAL position %q", lsn)
+	}
+	deadline := time.Now().Add(min(max(2*rtt, minCatchUp), maxCatchUp))
+	q := queryMessage("SELECT pg_catalog.pg_last_wal_replay_lsn() >= '" + lsn + "'::pg_lsn")
+	for pause := time.Millisecond; ; pause = min(2*pause, 16*time.Millisecond) {
+		replayed := false
+		_, err := f.exchange(f.rep, q, 1, f.ss.srv.upstream.timeout, func(msg []byte) error {
+			if msg[0] == 'D' {
+				cols, err := dataRow(msg[headerLen:], 1)
+				replayed = err == nil && cols[0] == "t"
+				return err
+			}
+			return nil
+		})
+		if err != nil || replayed || time.Now().Add(pause).After(deadline) {
+			return replayed, err
+		}
+		time.Sleep(pause)
+	}
+}
+
+// validLSN tells whether s is a WAL position as PostgreSQL prints one: two hex numbers.
+func validLSN(s string) bool {
+	hi, lo, ok := strings.Cut(s, "/")
+	hex := func(s string) bool {
+		if s == "" || len(s) > 8 {
+			return false
+		}
+		for _, c := range s {
+			if !('0' <= c && c <= '9' || 'A' <= c && c <= 'F' || 'a' <= c && c <= 'f') {
+				return false
+			}
+		}
+		return true
+	}
+	return ok && hex(hi) && hex(lo)
 }
 
 // report tells the observer and the log what was decided for a refusal.
@@ -472,9 +655,12 @@ func (f *forwarder) report(outcome, reason string) {
 	if reason != "" {
 		fields = append(fields, zap.String("reason", reason))
 	}
-	if outcome == ForwardMoved || outcome == ForwardRetry {
+	switch outcome {
+	case ForwardMoved, ForwardRetry:
 		ss.srv.log.Info("session moved to the primary", fields...)
-	} else {
+	case ForwardBack:
+		ss.srv.log.Info("session moved back to the replica", fields...)
+	default:
 		ss.srv.log.Warn("session not moved to the primary", fields...)
 	}
 	ss.srv.obs.Forwarded(Forward{SessionID: ss.info.ID, Time: time.Now(), User: ss.info.User, Outcome: outcome, Reason: reason})
@@ -493,346 +679,4 @@ func (f *forwarder) rerun(p *primaryConn, earlier []byte) (same bool, status TxS
 	}
 	var got, want [sha256.Size]byte
 	return bytes.Equal(h.Sum(got[:0]), f.hash.Sum(want[:0])), status, nil
-}
-
-// exchange sends msgs on c, pgfly's own requests or a re-run of the client's, and reads the
-// answers until zs ReadyForQuery messages, passing each message (header included) to each.
-// With each nil, an ErrorResponse is returned as an error once its ReadyForQuery has come.
-// It returns the last ReadyForQuery's status. Everything is bounded by timeout.
-func (f *forwarder) exchange(c net.Conn, msgs []byte, zs int, timeout time.Duration, each func(msg []byte) error) (TxStatus, error) {
-	if !f.ss.setDeadline(c, time.Now().Add(timeout)) {
-		return TxUnknown, errStopping
-	}
-	defer c.SetDeadline(time.Time{})
-	if _, err := c.Write(msgs); err != nil {
-		return TxUnknown, err
-	}
-	var failed error
-	status := TxUnknown
-	for zs > 0 {
-		msg, err := readMessage(c, &f.buf, f.ss.srv.cfg.MaxMessageSize)
-		if err != nil {
-			return TxUnknown, err
-		}
-		if each != nil {
-			if err := each(msg); err != nil {
-				return TxUnknown, err
-			}
-		}
-		switch msg[0] {
-		case 'E':
-			if e := parseError(msg[headerLen:]); failed == nil && each == nil {
-				failed = fmt.Errorf("%s (SQLSTATE %s)", e.message, e.code)
-			}
-		case 'Z':
-			zs--
-			if len(msg) > headerLen {
-				status = TxStatus(msg[headerLen])
-			}
-		}
-	}
-	return status, failed
-}
-
-// readMessage reads one whole message from r into *buf, which it grows as needed.
-func readMessage(r io.Reader, buf *[]byte, max int) ([]byte, error) {
-	if cap(*buf) < headerLen {
-		*buf = make([]byte, 4096)
-	}
-	b := (*buf)[:headerLen]
-	if _, err := io.ReadFull(r, b); err != nil {
-		return nil, err
-	}
-	n := int(binary.BigEndian.Uint32(b[1:]))
-	if n < 4 || n > max {
-		return nil, &protocolError{fmt.Sprintf("invalid message length %d for message type %q", n, b[0])}
-	}
-	if cap(*buf) < 1+n {
-		nb := make([]byte, 1+n)
-		copy(nb, b)
-		*buf = nb
-	}
-	b = (*buf)[:1+n]
-	if _, err := io.ReadFull(r, b[headerLen:]); err != nil {
-		return nil, unexpected(err)
-	}
-	return b, nil
-}
-
-// queryMessage encodes a simple Query.
-func queryMessage(sql string) []byte {
-	b, _ := (&pgproto3.Query{String: sql}).Encode(nil)
-	return b
-}
-
-// A recording is split into requests: each ends with a Query, Sync or FunctionCall.
-
-// countUnits counts the requests in rec, -1 when rec is not whole messages.
-func countUnits(rec []byte) int {
-	n := 0
-	for len(rec) >= headerLen {
-		size := 1 + int(binary.BigEndian.Uint32(rec[1:]))
-		if size > len(rec) {
-			return -1
-		}
-		switch rec[0] {
-		case 'Q', 'S', 'F':
-			n++
-		}
-		rec = rec[size:]
-	}
-	if len(rec) > 0 {
-		return -1
-	}
-	return n
-}
-
-// lastUnit is where the last request of rec begins, -1 when rec does not end with a whole
-// request.
-func lastUnit(rec []byte) int {
-	start, end := 0, -1
-	for pos := 0; pos+headerLen <= len(rec); {
-		size := 1 + int(binary.BigEndian.Uint32(rec[pos+1:]))
-		if size < headerLen || pos+size > len(rec) {
-			return -1
-		}
-		switch rec[pos] {
-		case 'Q', 'S', 'F':
-			if pos+size == len(rec) {
-				end = start
-			}
-			start = pos + size
-		}
-		pos += size
-	}
-	return end
-}
-
-// parsedNames are the statement names rec's Parse messages create.
-func parsedNames(rec []byte) map[string]bool {
-	names := map[string]bool{}
-	for len(rec) >= headerLen {
-		size := 1 + int(binary.BigEndian.Uint32(rec[1:]))
-		if size < headerLen || size > len(rec) {
-			break
-		}
-		if rec[0] == 'P' {
-			if name, _, ok := cbytes(rec[headerLen:size]); ok && len(name) > 0 {
-				names[string(name)] = true
-			}
-		}
-		rec = rec[size:]
-	}
-	return names
-}
-
-// sessionState is what of a replica session's state a move carries, or why it cannot.
-type sessionState struct {
-	settings   [][2]string // name, value: what the session SET
-	prepared   []preparedStatement
-	blocker    string // what cannot be carried, "" when nothing
-	blockerMsg string
-}
-
-type preparedStatement struct {
-	name, statement string
-	fromSQL         bool
-	types           []uint32
-}
-
-// stateQuery reads a session's state: its SET parameters, its prepared statements, and what
-// pgfly cannot carry to another backend.
-const stateQuery = `SELECT 's', name::text, setting, NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session'
-UNION ALL SELECT 'p', name::text, statement, from_sql::text, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements
-UNION ALL SELECT 'b', 'a cursor WITH HOLD', name::text, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
-UNION ALL SELECT 'b', 'an advisory lock', objid::text, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()
-UNION ALL SELECT 'b', 'a temporary table', relname::text, NULL, NULL FROM pg_catalog.pg_class WHERE relpersistence = 't' AND relnamespace = pg_catalog.pg_my_temp_schema()`
-
-// sessionState runs stateQuery on the replica's idle session.
-func (f *forwarder) sessionState(c net.Conn) (sessionState, error) {
-	var st sessionState
-	var failed error
-	_, err := f.exchange(c, queryMessage(stateQuery), 1, f.ss.srv.upstream.timeout, func(msg []byte) error {
-		switch msg[0] {
-		case 'E':
-			e := parseError(msg[headerLen:])
-			failed = fmt.Errorf("%s (SQLSTATE %s)", e.message, e.code)
-		case 'D':
-			cols, err := dataRow(msg[headerLen:], 5)
-			if err != nil {
-				return err
-			}
-			switch cols[0] {
-			case "s":
-				st.settings = append(st.settings, [2]string{cols[1], cols[2]})
-			case "p":
-				ps := preparedStatement{name: cols[1], statement: cols[2], fromSQL: cols[3] == "true"}
-				for _, t := range strings.Split(cols[4], ",") {
-					if t == "" {
-						continue
-					}
-					oid, err := strconv.ParseUint(t, 10, 32)
-					if err != nil {
-						return fmt.Errorf("parameter type %q: %w", t, err)
-					}
-					ps.types = append(ps.types, uint32(oid))
-				}
-				st.prepared = append(st.prepared, ps)
-			case "b":
-				if st.blocker == "" {
-					st.blocker = cols[1] + " (" + cols[2] + ")"
-				}
-			}
-		}
-		return nil
-	})
-	if err == nil {
-		err = failed
-	}
-	return st, err
-}
-
-// dataRow reads the n text columns of a DataRow body; NULL is "".
-func dataRow(body []byte, n int) ([]string, error) {
-	if len(body) < 2 || int(binary.BigEndian.Uint16(body)) != n {
-		return nil, &protocolError{"unexpected DataRow"}
-	}
-	body = body[2:]
-	cols := make([]string, n)
-	for i := range cols {
-		if len(body) < 4 {
-			return nil, &protocolError{"invalid DataRow"}
-		}
-		size := int(int32(binary.BigEndian.Uint32(body)))
-		body = body[4:]
-		if size < 0 {
-			continue
-		}
-		if size > len(body) {
-			return nil, &protocolError{"invalid DataRow"}
-		}
-		cols[i], body = string(body[:size]), body[size:]
-	}
-	return cols, nil
-}
-
-// carry sets st on the primary's new backend: the settings through set_config, the prepared
-// statements as they were prepared (Parse, or the PREPARE statement), but those the epoch's
-// own requests create, which its re-run prepares.
-func (f *forwarder) carry(p *primaryConn, st sessionState, skip map[string]bool) error {
-	var msgs []byte
-	zs := 0
-	if len(st.settings) > 0 {
-		msgs, _ = (&pgproto3.Parse{Query: "SELECT pg_catalog.set_config($1, $2, false)"}).Encode(msgs)
-		for _, s := range st.settings {
-			msgs, _ = (&pgproto3.Bind{Parameters: [][]byte{[]byte(s[0]), []byte(s[1])}}).Encode(msgs)
-			msgs, _ = (&pgproto3.Execute{}).Encode(msgs)
-		}
-	}
-	for _, ps := range st.prepared {
-		if skip[ps.name] || ps.fromSQL {
-			continue
-		}
-		msgs, _ = (&pgproto3.Parse{Name: ps.name, Query: ps.statement, ParameterOIDs: ps.types}).Encode(msgs)
-	}
-	if len(msgs) > 0 {
-		msgs, _ = (&pgproto3.Sync{}).Encode(msgs)
-		zs++
-	}
-	sent := map[string]bool{} // one PREPARE text may have prepared several statements
-	for _, ps := range st.prepared {
-		if ps.fromSQL && !skip[ps.name] && !sent[ps.statement] {
-			sent[ps.statement] = true
-			msgs = append(msgs, queryMessage(ps.statement)...)
-			zs++
-		}
-	}
-	if zs == 0 {
-		return nil
-	}
-	_, err := f.exchange(p.conn, msgs, zs, f.ss.srv.primaryUp.timeout, nil)
-	return err
-}
-
-// primaryConn is a backend on the primary, logged in, for a moved session.
-type primaryConn struct {
-	conn net.Conn
-	key  string // BackendKeyData: process id and secret
-}
-
-// close gives up a primary backend that the session did not move to.
-func (p *primaryConn) close(ss *session) {
-	p.conn.Close()
-	ss.srv.forwarded.Add(-1)
-}
-
-// loginError is a failure to log in to the primary as a session's user.
-type loginError struct{ err error }
-
-func (e *loginError) Error() string { return e.err.Error() }
-func (e *loginError) Unwrap() error { return e.err }
-
-// primaryLogin is how ss logs in to the primary: as its own user, to its own database, with
-// its own startup parameters, and with the primary URL's password only when the URL's user is
-// ss's and the upstream made the client prove who it is before accepting it (a password, SASL,
-// GSS). A client the upstream trusted without proof (a trust line) gets no password: it has on
-// the primary only what the primary's own pg_hba.conf gives a password-less login.
-func (s *Server) primaryLogin(ss *session) *pgconn.Config {
-	cfg := s.primaryCfg.Copy()
-	cfg.User, cfg.Database = ss.info.User, ss.info.Database
-	if ss.info.User != s.primaryCfg.User || !ss.challenged {
-		cfg.Password = ""
-	}
-	cfg.RuntimeParams = make(map[string]string, len(ss.params))
-	for k, v := range ss.params {
-		if k != "user" && k != "database" {
-			cfg.RuntimeParams[k] = v
-		}
-	}
-	cfg.DialFunc = s.primaryUp.dialer.DialContext
-	return cfg
-}
-
-// dialPrimary opens a backend on the primary for ss (see primaryLogin).
-func (s *Server) dialPrimary(ss *session) (*primaryConn, error) {
-	cfg := s.primaryLogin(ss)
-	ctx, cancel := context.WithTimeout(context.Background(), s.primaryUp.timeout)
-	defer cancel()
-	pc, err := pgconn.ConnectConfig(ctx, cfg)
-	if err != nil {
-		var pe *pgconn.PgError
-		if errors.As(err, &pe) && (pe.Code == "28P01" || pe.Code == "28000") {
-			return nil, &loginError{fmt.Errorf("pgfly cannot log in to the primary as %q: %s (SQLSTATE %s)", ss.info.User, pe.Message, pe.Code)}
-		}
-		if strings.Contains(err.Error(), "password") || strings.Contains(err.Error(), "SASL") {
-			return nil, &loginError{fmt.Errorf("pgfly cannot log in to the primary as %q: %v", ss.info.User, err)}
-		}
-		return nil, fmt.Errorf("the primary is unreachable: %v", err)
-	}
-	if err := pc.SyncConn(ctx); err != nil {
-		pc.Close(ctx)
-		return nil, fmt.Errorf("the primary is unreachable: %v", err)
-	}
-	hc, err := pc.Hijack()
-	if err != nil {
-		pc.Close(ctx)
-		return nil, err
-	}
-	if hc.ParameterStatuses["in_hot_standby"] == "on" {
-		hc.Conn.Close()
-		return nil, errors.New("the primary is in recovery")
-	}
-	key := make([]byte, 4, 4+len(hc.SecretKey))
-	binary.BigEndian.PutUint32(key, hc.PID)
-	return &primaryConn{conn: hc.Conn, key: string(append(key, hc.SecretKey...))}, nil
-}
-
-// warnLogin logs, once per user, that pgfly cannot log in to the primary for that user's
-// sessions, and how to fix it.
-func (s *Server) warnLogin(user string, err error) {
-	if _, seen := s.loginWarned.LoadOrStore(user, true); seen {
-		return
-	}
-	s.log.Warn("forwarded sessions of this user get the standby's refusal: give --primary a URL with this user and its password",
-		zap.String("user", user), zap.Error(err))
 }

@@ -65,9 +65,39 @@ func outcomes(fs []wire.Forward) []string {
 	return out
 }
 
+// moves are the forward events but the moves back to the replica.
+func moves(fs []wire.Forward) []wire.Forward {
+	var out []wire.Forward
+	for _, f := range fs {
+		if f.Outcome != wire.ForwardBack {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// backOnReplica runs a read on c until it answers from the replica: the session has moved
+// back. It fails the test after 30 seconds.
+func backOnReplica(t *testing.T, c *pgx.Conn) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var recovery bool
+		if err := c.QueryRow(context.Background(), "SELECT pg_is_in_recovery()").Scan(&recovery); err != nil {
+			t.Fatal(err)
+		}
+		if recovery {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the session is still on the primary 30s after its write, want it back on the replica")
+		}
+	}
+}
+
 // An autocommit write through a replica-region relay runs once on the primary, in every
-// protocol mode pgx has, and the session then carries on there: its named prepared
-// statements, prepared on the replica before the move, still work.
+// protocol mode pgx has, and the session then sees it wherever it runs: its named prepared
+// statements, prepared on the replica before the move, still work; and once the replica has
+// the write, the session is back there with its settings.
 func TestForwardAutocommitWrite(t *testing.T) {
 	forwardTable(t, "fwd_auto", "id int PRIMARY KEY, mode text")
 	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
@@ -97,24 +127,24 @@ func TestForwardAutocommitWrite(t *testing.T) {
 			if n := onPrimary(t, "SELECT count(*) FROM fwd_auto WHERE id = $1", i); n != 1 {
 				t.Fatalf("the primary has %d rows with id %d, want exactly 1", n, i)
 			}
-			// Now on the primary: its own write is visible at once, through the statement
-			// prepared on the replica, and the SET came along.
+			// On the primary, or back on the replica that has replayed it: its own write is
+			// visible at once, through the statement prepared on the replica.
 			var n int
 			if err := c.QueryRow(ctx, "named_read", mode.String()).Scan(&n); err != nil || n != 1 {
 				t.Fatalf("the prepared statement after the move: %d rows, %v; want 1", n, err)
 			}
+			backOnReplica(t, c)
 			var app string
-			var recovery bool
-			if err := c.QueryRow(ctx, "SELECT current_setting('application_name'), pg_is_in_recovery()").Scan(&app, &recovery); err != nil {
-				t.Fatal(err)
+			if err := c.QueryRow(ctx, "SELECT current_setting('application_name')").Scan(&app); err != nil || app != "forward-test" {
+				t.Fatalf("back on the replica: application_name %q, %v; want forward-test", app, err)
 			}
-			if app != "forward-test" || recovery {
-				t.Fatalf("after the move: application_name %q, in recovery %v; want forward-test on the primary", app, recovery)
+			if err := c.QueryRow(ctx, "named_read", mode.String()).Scan(&n); err != nil || n != 1 {
+				t.Fatalf("the prepared statement back on the replica: %d rows, %v; want 1", n, err)
 			}
 		})
 	}
-	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "moved,moved,moved" {
-		t.Errorf("forward outcomes %v, want three moves", got)
+	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "moved,back,moved,back,moved,back" {
+		t.Errorf("forward outcomes %v, want three moves, each followed by a move back", got)
 	}
 	if v := r.events.Violations(); len(v) != 0 {
 		t.Errorf("a forwarding relay reported %d read-only violations; it has no HTTP request to replay", len(v))
@@ -145,8 +175,73 @@ func TestForwardTransaction(t *testing.T) {
 	if n := onPrimary(t, "SELECT count(*) FROM fwd_tx"); n != 2 {
 		t.Fatalf("the primary has %d rows, want 2", n)
 	}
-	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "moved" {
+	if got := outcomes(moves(r.events.Forwards())); strings.Join(got, ",") != "moved" {
 		t.Errorf("forward outcomes %v, want one move", got)
+	}
+}
+
+// A moved session stays on the primary while the replica lacks its write, and goes back once
+// the replica has it, taking what it set up on the primary along: a setting, a prepared
+// statement. Its next write moves it again, to the primary backend it had.
+func TestForwardMovesBack(t *testing.T) {
+	forwardTable(t, "fwd_back", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	resume := pauseReplay(t)
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_back VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	var recovery bool
+	if err := c.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&recovery); err != nil || recovery {
+		t.Fatalf("with the replica's replay paused after the write: in recovery %v, %v; want the session on the primary", recovery, err)
+	}
+	if _, err := c.Exec(ctx, "SET application_name = 'fwd-moved-back'"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Prepare(ctx, "fwd_back_count", "SELECT count(*) FROM fwd_back"); err != nil {
+		t.Fatal(err)
+	}
+	primaryBackend := func() []int {
+		p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+		rows, err := p.Query(ctx, "SELECT pid FROM pg_stat_activity WHERE application_name = 'fwd-moved-back'")
+		if err != nil {
+			t.Fatal(err)
+		}
+		pids, err := pgx.CollectRows(rows, pgx.RowTo[int])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pids
+	}
+	before := primaryBackend()
+	if len(before) != 1 {
+		t.Fatalf("the primary has backends %v for the session, want one", before)
+	}
+	resume()
+	backOnReplica(t, c)
+	var app string
+	if err := c.QueryRow(ctx, "SELECT current_setting('application_name')").Scan(&app); err != nil || app != "fwd-moved-back" {
+		t.Fatalf("back on the replica: application_name %q, %v; want the one set on the primary", app, err)
+	}
+	var n int
+	if err := c.QueryRow(ctx, "fwd_back_count").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("back on the replica, the statement prepared on the primary: %d rows, %v; want 1", n, err)
+	}
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_back VALUES (2)"); err != nil {
+		t.Fatal(err)
+	}
+	if after := primaryBackend(); len(after) != 1 || after[0] != before[0] {
+		t.Fatalf("after the second write the primary has backends %v for the session, want the first one, %v", after, before)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_back"); n != 2 {
+		t.Fatalf("the primary has %d rows, want 2", n)
+	}
+	if got := outcomes(r.events.Forwards()); len(got) < 3 || strings.Join(got[:3], ",") != "moved,back,moved" {
+		t.Fatalf("forward outcomes %v, want a move, a move back and a move", got)
+	}
+	if r.ForwardedSessions() != 1 {
+		t.Fatalf("ForwardedSessions = %d, want 1: the session's primary backend", r.ForwardedSessions())
 	}
 }
 
@@ -173,25 +268,29 @@ func TestForwardWithoutCredentials(t *testing.T) {
 	if n := onPrimary(t, "SELECT count(*) FROM fwd_creds"); n != 1 {
 		t.Fatalf("the primary has %d rows, want 1", n)
 	}
-	got := r.events.Forwards()
+	got := moves(r.events.Forwards())
 	if len(got) != 2 || got[0].Outcome != wire.ForwardRefused || !strings.Contains(got[0].Reason, "log in") {
 		t.Fatalf("forward events %+v, want a refusal naming the login, then a move", got)
 	}
 }
 
-// pauseReplay pauses the replica's replay until the test ends.
-func pauseReplay(tb testing.TB) {
+// pauseReplay pauses the replica's replay until resume is called or the test ends.
+func pauseReplay(tb testing.TB) (resume func()) {
 	tb.Helper()
 	rep := connectURL(tb, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
 	if _, err := rep.Exec(context.Background(), "SELECT pg_wal_replay_pause()"); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() {
-		rep := connectURL(tb, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
-		if _, err := rep.Exec(context.Background(), "SELECT pg_wal_replay_resume()"); err != nil {
-			tb.Errorf("resume replay: %v", err)
-		}
-	})
+	var once sync.Once
+	resume = func() {
+		once.Do(func() {
+			if _, err := rep.Exec(context.Background(), "SELECT pg_wal_replay_resume()"); err != nil {
+				tb.Errorf("resume replay: %v", err)
+			}
+		})
+	}
+	tb.Cleanup(resume)
+	return resume
 }
 
 func sqlstate(err error) string {
@@ -242,7 +341,7 @@ func TestForwardStaleTransactionIs40001(t *testing.T) {
 	if n := onPrimary(t, "SELECT count(*) FROM fwd_stale WHERE id = 2 AND balance = 50"); n != 1 {
 		t.Fatalf("the retry wrote %d rows with the primary's balance, want 1", n)
 	}
-	got := r.events.Forwards()
+	got := moves(r.events.Forwards())
 	if len(got) != 1 || got[0].Outcome != wire.ForwardRetry || !strings.Contains(got[0].Reason, "different results") {
 		t.Fatalf("forward events %+v, want one 40001 naming the different results", got)
 	}
@@ -422,15 +521,12 @@ func TestForwardNodePostgres(t *testing.T) {
 	forwardTable(t, "fwd_node", "id serial PRIMARY KEY, job text")
 	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
 	out := runNode(t, "forward.js", "DATABASE_URL="+r.url(pgcluster.RoleSCRAM), "JOB=node-1")
-	var got struct {
-		Before, Seen, After int
-		Recovery            bool
-	}
+	var got struct{ Before, Seen, After int }
 	if err := json.Unmarshal(out, &got); err != nil {
 		t.Fatalf("decode %q: %v", out, err)
 	}
-	if got.Before != 0 || got.After != 1 || got.Recovery {
-		t.Fatalf("got %+v, want 0 before, 1 after, on the primary", got)
+	if got.Before != 0 || got.After != 1 {
+		t.Fatalf("got %+v, want 0 before, 1 after", got)
 	}
 	if n := onPrimary(t, "SELECT count(*) FROM fwd_node WHERE job = 'node-1'"); n != 1 {
 		t.Fatalf("the primary has %d rows for the job, want 1", n)
@@ -461,7 +557,7 @@ func TestForwardCommitErrorIsTheClients(t *testing.T) {
 	if n := onPrimary(t, "SELECT count(*) FROM fwd_commit"); n != 0 {
 		t.Fatalf("the primary has %d rows, want 0", n)
 	}
-	if got := outcomes(r.events.Forwards()); strings.Join(got, ",") != "moved" {
+	if got := outcomes(moves(r.events.Forwards())); strings.Join(got, ",") != "moved" {
 		t.Fatalf("forward outcomes %v, want one move and no retry", got)
 	}
 }
@@ -547,11 +643,12 @@ func TestForwardJobRunnerLoad(t *testing.T) {
 						if conn != nil {
 							conn.Close(ctx)
 						}
-						conn, used = nil, 0
-						if conn, err = pgx.Connect(ctx, url); err != nil {
-							conn = nil
+						c, err := pgx.Connect(ctx, url)
+						if err != nil {
+							conn, used = nil, 0
 							continue
 						}
+						conn, used = c, 0
 					}
 					used++
 					if runJob(conn, job, w) == nil {

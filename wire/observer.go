@@ -117,8 +117,8 @@ const (
 )
 
 // Forward is reported when a forwarding session (Config.Primary) is refused for being on a
-// standby and pgfly decides what to do about it, and when a session goes to the primary from
-// its start because the upstream is unreachable.
+// standby and pgfly decides what to do about it, when a session goes to the primary from its
+// start because the upstream is unreachable, and when a moved session goes back.
 type Forward struct {
 	SessionID uint64
 	Time      time.Time
@@ -146,6 +146,8 @@ const (
 	// ForwardDirect: the upstream was unreachable, so the session was relayed to the primary
 	// from its start (its client logged in to the primary itself).
 	ForwardDirect = "direct"
+	// ForwardBack: a moved session went back to the replica, which had replayed its writes.
+	ForwardBack = "back"
 )
 
 // Observer receives a relay's events. Its methods are called from session goroutines,

@@ -28,11 +28,12 @@ type protocol struct {
 	syncsInCopy int
 
 	// Owned by the upstream-to-client goroutine, read by the session once it has returned.
-	wrote     bool // the current transaction wrote
-	committed bool // a write of this session committed
-	undone    bool // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
-	copyIn    bool // a COPY FROM STDIN is running
-	fatal     bool // the server sent a FATAL or PANIC error
+	wrote     bool   // the current transaction wrote
+	committed bool   // a write of this session committed
+	commits   uint64 // how many transactions that wrote have ended (committed or not)
+	undone    bool   // it wrote before a ROLLBACK that may have been ROLLBACK TO SAVEPOINT
+	copyIn    bool   // a COPY FROM STDIN is running
+	fatal     bool   // the server sent a FATAL or PANIC error
 }
 
 // reply is what one server message means for the session. Its error fields alias the
@@ -182,6 +183,7 @@ func (p *protocol) readyForQuery(status TxStatus) reply {
 		p.undone = false
 		if p.wrote {
 			p.wrote, p.committed = false, true
+			p.commits++
 			r.committed = true
 		}
 	default:

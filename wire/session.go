@@ -128,6 +128,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 	ss.login = loginTimer{conn: up, timeout: s.upstream.timeout}
 	defer func() {
 		ss.upstreamConn().Close()
+		if ss.fwd != nil {
+			ss.fwd.closeKept()
+		}
 		if ss.direct || ss.fwd != nil && ss.fwd.counted { // both pumps have returned
 			s.forwarded.Add(-1)
 		}

@@ -95,6 +95,8 @@ func (e *events) Forwarded(f wire.Forward) {
 	switch f.Outcome {
 	case wire.ForwardMoved:
 		e.log.Info("session moved to the primary", fields...)
+	case wire.ForwardBack:
+		e.log.Info("session moved back to the replica", fields...)
 	case wire.ForwardRetry:
 		e.log.Warn("session moved to the primary; its client was answered 40001 to retry", fields...)
 	case wire.ForwardDirect:

@@ -27,6 +27,7 @@ func TestForwardedEvents(t *testing.T) {
 		{wire.ForwardRefused, "temporary table", zapcore.WarnLevel},
 		{wire.ForwardLimit, "100 sessions on the primary", zapcore.WarnLevel},
 		{wire.ForwardDirect, "upstream unreachable", zapcore.WarnLevel},
+		{wire.ForwardBack, "", zapcore.InfoLevel},
 	} {
 		t.Run(tc.outcome, func(t *testing.T) {
 			before := forwards(t, m, tc.outcome)

@@ -86,7 +86,7 @@ func newMetrics(relays map[string]*wire.Server, shim *router.Shim, monitor *lag.
 	for _, t := range []router.Timeout{router.TimeoutBody, router.TimeoutApp} {
 		m.timeouts.WithLabelValues(string(t))
 	}
-	for _, o := range []string{wire.ForwardMoved, wire.ForwardRetry, wire.ForwardRefused, wire.ForwardLimit, wire.ForwardDirect} {
+	for _, o := range []string{wire.ForwardMoved, wire.ForwardRetry, wire.ForwardRefused, wire.ForwardLimit, wire.ForwardDirect, wire.ForwardBack} {
 		m.forwards.WithLabelValues(o)
 	}
 	for listener, relay := range relays {

@@ -14,7 +14,6 @@ const { Client } = require('pg');
   await c.query('insert into fwd_node (job) values ($1)', [process.env.JOB]);
   await c.query('commit');
   out.after = (await c.query(count)).rows[0].n;
-  out.recovery = (await c.query('select pg_is_in_recovery() as r')).rows[0].r;
   await c.end();
   console.log(JSON.stringify(out));
 })().catch((e) => {
