@@ -212,7 +212,7 @@ func dataRow(body []byte, n int) ([]string, error) {
 
 // send writes msgs on c for one of pgfly's own exchanges, bounded by timeout.
 func (f *forwarder) send(c net.Conn, msgs []byte, timeout time.Duration) error {
-	if !f.ss.setDeadline(c, time.Now().Add(timeout)) {
+	if !f.ss.setDeadline(c.SetWriteDeadline, time.Now().Add(timeout)) {
 		return errStopping
 	}
 	defer c.SetWriteDeadline(time.Time{})
@@ -224,7 +224,7 @@ func (f *forwarder) send(c net.Conn, msgs []byte, timeout time.Duration) error {
 // included) to each. With each nil, an ErrorResponse is returned as an error once its
 // ReadyForQuery has come. It returns the last ReadyForQuery's status. It is bounded by timeout.
 func (f *forwarder) receive(c net.Conn, zs int, timeout time.Duration, each func(msg []byte) error) (TxStatus, error) {
-	if !f.ss.setDeadline(c, time.Now().Add(timeout)) {
+	if !f.ss.setDeadline(c.SetReadDeadline, time.Now().Add(timeout)) {
 		return TxUnknown, errStopping
 	}
 	defer c.SetReadDeadline(time.Time{})

@@ -245,6 +245,39 @@ func TestForwardMovesBack(t *testing.T) {
 	}
 }
 
+// A session lives on either server, and idles on the other, longer than pgfly's own bound on
+// an exchange with them (connect_timeout, here 1s): none of those bounds outlives its exchange.
+func TestForwardOutlivesItsExchanges(t *testing.T) {
+	forwardTable(t, "fwd_long", "id int")
+	role := pgcluster.RoleSCRAM
+	r := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable", "connect_timeout=1"), wire.Config{
+		Primary: cluster.Primary.URL(role.Name, role.Password, pgcluster.Database, "sslmode=disable", "connect_timeout=1")})
+	ctx := context.Background()
+	c := connectURL(t, r.url(role))
+	resume := pauseReplay(t)
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_long VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	var recovery bool
+	if err := c.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&recovery); err != nil || recovery {
+		t.Fatalf("on the primary after 1.5s: in recovery %v, %v; want the session there and well", recovery, err)
+	}
+	resume()
+	backOnReplica(t, c)
+	time.Sleep(1500 * time.Millisecond)
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM fwd_long").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("on the replica after 1.5s: %d rows, %v; want 1", n, err)
+	}
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_long VALUES (2)"); err != nil {
+		t.Fatalf("a write through the primary backend kept idle for 1.5s: %v", err)
+	}
+	if got := outcomes(r.events.Forwards()); len(got) < 3 || strings.Join(got[:3], ",") != "moved,back,moved" {
+		t.Fatalf("forward outcomes %v, want a move, a move back and a move", got)
+	}
+}
+
 // A session as a user the primary URL has no password for gets the standby's own refusal,
 // and the relay's other sessions carry on.
 func TestForwardWithoutCredentials(t *testing.T) {

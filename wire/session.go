@@ -482,15 +482,16 @@ func (ss *session) swapUpstream(c net.Conn) net.Conn {
 	return old
 }
 
-// setDeadline sets c's deadline for one of pgfly's own exchanges on a session's behalf,
-// unless the session is stopping, whose deadline it must leave alone.
-func (ss *session) setDeadline(c net.Conn, t time.Time) bool {
+// setDeadline sets a deadline of a connection (set: its SetReadDeadline or SetWriteDeadline)
+// for one of pgfly's own exchanges on a session's behalf, unless the session is stopping,
+// whose deadlines it must leave alone.
+func (ss *session) setDeadline(set func(time.Time) error, t time.Time) bool {
 	ss.upMu.Lock()
 	defer ss.upMu.Unlock()
 	if ss.stopping.Load() {
 		return false
 	}
-	c.SetDeadline(t)
+	set(t)
 	return true
 }
 
