@@ -66,6 +66,9 @@ const (
 // SQLSTATE pgfly answers for a request it could not re-run on the primary.
 const codeSerializationFailure = "40001"
 
+// SQLSTATE of a query a CancelRequest ended.
+const codeQueryCanceled = "57014"
+
 // errPrimaryLost ends a session whose refused request was sent to the primary when the
 // connection failed: whether it ran is unknown, and is not guessed.
 var errPrimaryLost = errors.New("pgfly lost the primary while it ran the forwarded statement")
@@ -93,6 +96,7 @@ type forwarder struct {
 	retried   bool
 	retriedAt uint64
 	nextBack  time.Time
+	sentAt    uint64 // w.writes when back was decided on
 
 	hash          hash.Hash // of what the client received in this epoch
 	units         int       // requests answered in this epoch
@@ -121,12 +125,14 @@ type upstreamWriter struct {
 	mu        sync.Mutex
 	c         net.Conn
 	rec       []byte
-	recording bool // an epoch is being recorded and fits in maxRecorded
+	recording bool   // an epoch is being recorded and fits in maxRecorded
+	writes    uint64 // calls to Write: whether the client sent anything since a point
 }
 
 func (w *upstreamWriter) Write(b []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.writes++
 	if w.recording {
 		if len(w.rec)+len(b) > maxRecorded {
 			w.recording, w.rec = false, w.rec[:0]
@@ -274,9 +280,8 @@ func (f *forwarder) idle() error {
 		return nil
 	}
 	if f.moved {
-		if err := f.back(); err != nil || f.moved {
-			return err
-		}
+		f.back()
+		return nil
 	} else if f.moveAtIdle != "" {
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
@@ -294,17 +299,22 @@ func (f *forwarder) idle() error {
 			return nil
 		}
 	}
+	f.w.mu.Lock()
+	f.newEpoch()
+	f.w.mu.Unlock()
+	return nil
+}
+
+// newEpoch begins an epoch, followed when the upstream is a hot standby. The caller holds w.mu.
+func (f *forwarder) newEpoch() {
 	standby, _ := f.ss.proto.standby.Load().(string)
 	f.active = standby == "on"
 	f.hash.Reset()
 	f.units = 0
-	f.w.mu.Lock()
 	if cap(f.w.rec) > keptRecording {
 		f.w.rec = nil
 	}
 	f.w.rec, f.w.recording = f.w.rec[:0], f.active
-	f.w.mu.Unlock()
-	return nil
 }
 
 // decide acts on the ReadyForQuery z that follows a held refusal: it moves the session and
@@ -426,7 +436,7 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 			return refused("the replica failed: " + err.Error())
 		}
 	}
-	st, err := f.readState(rep, srv.upstream.timeout, stateQuery)
+	st, err := f.readState(rep, srv.upstream.timeout, stateQuery, nil)
 	if err != nil {
 		return refused("could not read the session's state on the replica: " + err.Error())
 	}
@@ -541,26 +551,43 @@ func (f *forwarder) switchTo(p *primaryConn, st sessionState) {
 
 // back moves a session on the primary, idle outside a transaction block, back to its replica
 // backend once that has replayed the primary's WAL as far as it is now; the session's settings
-// and prepared statements go with it. It is the caller's ReadyForQuery that waits meanwhile:
-// the client has been told nothing of the session's state on the primary yet.
-func (f *forwarder) back() error {
+// and prepared statements go with it. The client is sent the ReadyForQuery first, and the work
+// is done (goBack) after it, unless the client has sent anything by then: a session that ends
+// after its write costs no more than it did on the primary, and the next request of one that
+// goes on waits for the move instead (the client-to-upstream pump waits on w.mu).
+func (f *forwarder) back() {
 	ss, w := f.ss, f.w
 	if f.pinned || f.rep == nil || time.Now().Before(f.nextBack) {
-		return nil
+		return
 	}
 	if f.retried && ss.proto.commits == f.retriedAt {
-		return nil
+		return
 	}
 	f.retried = false
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if ss.proto.busy() || f.out.after > 0 || f.moveAtIdle != "" {
-		return nil // the client has sent more, or the primary said more: it runs there
+		return // the client has sent more, or the primary said more: it runs there
+	}
+	f.sentAt = w.writes
+	f.out.then = f.goBack
+}
+
+// goBack is back's work, once the client has been sent the ReadyForQuery.
+func (f *forwarder) goBack() error {
+	ss, w := f.ss, f.w
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.writes != f.sentAt {
+		return nil // the client was quicker: what it sent runs on the primary
 	}
 	start := time.Now()
-	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery)
+	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery, f.pass)
 	var se *sqlError
 	switch {
+	case errors.As(err, &se) && se.code == codeQueryCanceled:
+		f.nextBack = time.Now().Add(recheckAfter) // the client cancelled the check, meaning its own request
+		return nil
 	case errors.As(err, &se) || err == nil && st.lsn == "":
 		f.stay("could not read the session's state on the primary: " + fmt.Sprint(err))
 		return nil
@@ -596,7 +623,22 @@ func (f *forwarder) back() error {
 	ss.onPrimary.Store(false)
 	ss.proto.standby.Store("on")
 	f.report(ForwardBack, "")
+	f.newEpoch()
 	return nil
+}
+
+// pass relays to the client what the primary sent it unasked (a NOTIFY, a ParameterStatus)
+// during one of pgfly's own exchanges, which is not the exchange's answer.
+func (f *forwarder) pass(msg []byte) error {
+	if msg[0] != 'A' && msg[0] != 'S' {
+		return nil
+	}
+	if f.ss.srv.watchOut[msg[0]] {
+		if _, err := f.ss.inspectServer(msg[0], msg, true); err != nil {
+			return err
+		}
+	}
+	return f.out.write(msg)
 }
 
 // stay keeps a moved session on the primary for the rest of its life, for why.

@@ -77,8 +77,9 @@ func (st *sessionState) row(body []byte) error {
 	return nil
 }
 
-// readState runs query, stateQuery or checkQuery, on a backend's idle session.
-func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string) (sessionState, error) {
+// readState runs query, stateQuery or checkQuery, on a backend's idle session. The other
+// messages of the answer are passed to other, when it is not nil.
+func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string, other func(msg []byte) error) (sessionState, error) {
 	var st sessionState
 	var failed error
 	_, err := f.exchange(c, queryMessage(query), 1, timeout, func(msg []byte) error {
@@ -87,6 +88,10 @@ func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string) (
 			failed = newSQLError(msg[headerLen:])
 		case 'D':
 			return st.row(msg[headerLen:])
+		default:
+			if other != nil {
+				return other(msg)
+			}
 		}
 		return nil
 	})

@@ -71,6 +71,9 @@ type pump struct {
 	// after is how many bytes were read beyond the message being inspected: for an inspect
 	// that must know whether the peer said more.
 	after int
+	// then, when an inspect sets it, runs once what was read so far has been written to dst,
+	// before src is read again: for work that must not hold back the message it follows.
+	then func() error
 
 	// Written by run, read by the session after run has returned.
 	n          int64 // bytes written to dst
@@ -134,6 +137,12 @@ func (p *pump) run() error {
 		}
 		if err := p.write(p.buf[r:pos]); err != nil {
 			return err
+		}
+		if then := p.then; then != nil {
+			p.then = nil
+			if err := then(); err != nil {
+				return err
+			}
 		}
 		r = pos
 		if r > 0 { // keep the unfinished message at the front, so the buffer has room

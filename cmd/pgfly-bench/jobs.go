@@ -135,11 +135,17 @@ func (b *bench) jobsForwarding(ctx context.Context) error {
 		"(an INSERT), run %d times each way, interleaved, after a warm-up round; a one-way delay of %v on every "+
 		"connection to the primary (the setup's link), none to the replica. pgfly is a forwarding relay (`--http-listen=` "+
 		"with `--primary`) in front of the replica: the job's reads run on the replica, the write is refused there, "+
-		"and the session moves to the primary, logging in there as the job's user (SCRAM), where the write runs. A "+
-		"moved session stays on the primary. The job either opens a connection of its own (cron, `rails runner`) or "+
-		"uses one connection for every job (a worker's pool); either with the reads and the write in one transaction, "+
-		"which the move re-runs on the primary and compares, or without. The job's time includes its connection, "+
-		"when it opens one.\n\n", jobReads, b.prof.jobs, b.cfg.delay)
+		"and the session moves to the primary, logging in there as the job's user (SCRAM), where the write runs. "+
+		"Once the write's ReadyForQuery has reached the job, pgfly asks the primary for the session's state and WAL "+
+		"position (one round trip the job does not wait for, unless it sends its next statement meanwhile), waits "+
+		"for the replica to replay that far, and moves the session back to its replica backend, keeping the primary's "+
+		"backend for the next write. Replication here does not cross the delayed link, so the replica catches up at "+
+		"once; across regions the move back waits about one more one-way delay, after the job has its answer. The "+
+		"job either opens a connection of its own (cron, `rails runner`) or uses one connection for every job (a "+
+		"worker's pool: between two of its jobs run those of the other ways, so its move back is over by the next "+
+		"one; a worker that runs jobs back to back waits one round trip for it at its next job's first statement); "+
+		"either with the reads and the write in one transaction, which the move re-runs on the primary and compares, "+
+		"or without. The job's time includes its connection, when it opens one.\n\n", jobReads, b.prof.jobs, b.cfg.delay)
 	var rows [][]string
 	p50 := map[string]float64{}
 	for _, way := range ways {
@@ -166,7 +172,14 @@ func (b *bench) jobsForwarding(ctx context.Context) error {
 				fmt.Sprintf("%s ms vs %s ms, %s", ms(f), ms(d), ratio(f, d)))
 		}
 	}
-	r.printf("\n")
+	r.printf("\nThe cost of a forwarded transaction's re-run: the forwarded job in a transaction less the same job "+
+		"without one, at p50: %s ms with a connection per job, %s ms with one connection for every job. The re-run "+
+		"of BEGIN and the reads on the primary is one round trip (pgfly sends them in one write and compares the "+
+		"answers' SHA-256), and the transaction's COMMIT is another the autocommit job does not make. A fresh "+
+		"connection's autocommit move pays one back: it prepares the job's statements on the new primary backend "+
+		"in a round trip of its own, where the re-run prepares them with the reads.\n\n",
+		ms(p50[jobKey(&jobWay{fresh: true, tx: true})+"pgfly, forwarding"]-p50[jobKey(&jobWay{fresh: true})+"pgfly, forwarding"]),
+		ms(p50[jobKey(&jobWay{tx: true})+"pgfly, forwarding"]-p50[jobKey(&jobWay{})+"pgfly, forwarding"]))
 	return nil
 }
 
