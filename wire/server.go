@@ -96,7 +96,8 @@ type Config struct {
 	// any. Never set it on a relay behind the HTTP shim: a write forwarded inside a request
 	// that is later replayed would run twice.
 	Primary string
-	// MaxForwarded bounds the sessions on the primary at once; past it a refused session's
+	// MaxForwarded bounds the sessions holding a backend on the primary at once (a session
+	// moved back to the upstream keeps its primary backend idle); past it a refused session's
 	// client is answered 53300. DefaultMaxForwarded when zero; negative: no bound.
 	MaxForwarded int
 }
@@ -117,7 +118,7 @@ type Server struct {
 	// Forwarding (Config.Primary); primaryUp is nil when it is off.
 	primaryUp   *upstream
 	primaryCfg  *pgconn.Config
-	forwarded   atomic.Int64   // sessions on the primary, under MaxForwarded
+	forwarded   atomic.Int64   // sessions holding a primary backend (on it, or kept idle), under MaxForwarded
 	loginWarned sync.Map       // users pgfly could not log in to the primary as, warned once
 	wg          sync.WaitGroup // one per live session and per cancel forward
 
@@ -456,7 +457,8 @@ func (s *Server) Stats() Stats {
 	}
 }
 
-// ForwardedSessions is the number of sessions relayed to the primary (Config.Primary).
+// ForwardedSessions is the number of sessions holding a backend on the primary (Config.Primary):
+// on it, or moved back with that backend kept idle.
 func (s *Server) ForwardedSessions() int { return int(s.forwarded.Load()) }
 
 // OpenSessions is the number of sessions being relayed.

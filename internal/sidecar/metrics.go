@@ -59,7 +59,7 @@ func newMetrics(relays map[string]*wire.Server, shim *router.Shim, monitor *lag.
 		}, []string{"timeout"}),
 		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "pgfly_forwards_total",
-			Help: "Standby refusals of sessions with no HTTP request (the jobs listener, or the relay without the shim) and what pgfly did, by outcome (moved: to the primary, the client saw nothing; retry: moved, the client was answered 40001; refused: not moved, the client got the refusal; limit: --max-forwarded-sessions on the primary, answered 53300; direct: the upstream unreachable, relayed to the primary from the start).",
+			Help: "Standby refusals of sessions with no HTTP request (the jobs listener, or the relay without the shim) and what pgfly did, by outcome (moved: to the primary, the client saw nothing; retry: moved, the client was answered 40001; refused: not moved, the client got the refusal; limit: --max-forwarded-sessions on the primary, answered 53300; direct: the upstream unreachable, relayed to the primary from the start; back: a moved session went back to its replica backend).",
 		}, []string{"outcome"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -110,7 +110,7 @@ func newMetrics(relays map[string]*wire.Server, shim *router.Shim, monitor *lag.
 		)
 	}
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pgfly_forwarded_sessions",
-		Help: "Sessions relayed to the primary now (forwarded after a standby refusal, or from their start), both listeners together."},
+		Help: "Sessions that hold a backend on the primary now (on it after a standby refusal or from their start, or back on the replica with their primary backend kept idle for the next write), both listeners together."},
 		func() float64 {
 			n := 0
 			for _, relay := range relays {
