@@ -3,6 +3,7 @@ package wire
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
@@ -46,14 +47,23 @@ import (
 // point where it is idle outside a transaction block, once the replica has replayed the
 // primary's WAL as far as it was then: the session reads its own writes, and nothing it saw
 // goes back in time. Its settings and prepared statements go with it, and its primary backend
-// is kept in turn, idle, for its next write. A session that holds on the primary what cannot be
-// carried stays there, as does one whose replica backend is gone.
+// is kept in turn, idle, for its next write (checked for a FATAL it sent meanwhile). A session
+// that holds on the primary what cannot be carried stays there, as does one whose replica
+// backend is gone.
+//
+// pgfly's own requests run in the unnamed statement, which a client may have prepared in one
+// request and use in the next (pgx's describe-exec mode does): the client's last Parse of it is
+// kept (upstreamWriter.track) and sent again to whichever backend the session goes on with,
+// after pgfly's requests there; a re-run begins with the one its epoch began with.
 const (
 	maxRecorded  = 1 << 20  // what a client sends in one epoch, kept for a re-run
 	maxHeld      = 64 << 10 // metadata held back from the client before a request's results
 	rerunTimeout = time.Minute
 	// keptRecording is the recording buffer a session keeps between epochs; a larger one is let go.
 	keptRecording = 64 << 10
+	// maxUnnamed is the largest Parse of the unnamed statement kept to prepare it again on
+	// another backend; a session whose client sent a larger one does not move until it is gone.
+	maxUnnamed = 64 << 10
 	// A moved session waits at most maxCatchUp for the replica to replay the primary's WAL
 	// position (and no longer than two round trips to the primary, which is what each of its
 	// requests would cost there); when the replica is further behind, it tries again at an idle
@@ -126,13 +136,24 @@ type upstreamWriter struct {
 	c         net.Conn
 	rec       []byte
 	recording bool   // an epoch is being recorded and fits in maxRecorded
+	missed    bool   // an epoch is not recorded: the client had sent part of it before it began
 	writes    uint64 // calls to Write: whether the client sent anything since a point
+	// unnamed is the client's last Parse of the unnamed statement, which the upstream holds
+	// until a simple Query or a Close drops it (empty then), and which pgfly's own requests
+	// drop too: it is prepared again wherever the session goes on. unnamedLost: that Parse was
+	// larger than maxUnnamed. epochUnnamed is unnamed when the epoch began, for a re-run.
+	unnamed      []byte
+	unnamedLost  bool
+	epochUnnamed []byte
+	collecting   bool // the message being written is such a Parse
+	rest         int  // bytes of a message begun in an earlier Write still to come
 }
 
 func (w *upstreamWriter) Write(b []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.writes++
+	w.track(b)
 	if w.recording {
 		if len(w.rec)+len(b) > maxRecorded {
 			w.recording, w.rec = false, w.rec[:0]
@@ -141,6 +162,42 @@ func (w *upstreamWriter) Write(b []byte) (int, error) {
 		}
 	}
 	return w.c.Write(b)
+}
+
+// track follows the client's unnamed statement through what it sends, b: whole messages and
+// the parts of a large one (the pump writes each header whole).
+func (w *upstreamWriter) track(b []byte) {
+	for len(b) > 0 {
+		if w.rest == 0 {
+			if len(b) < headerLen {
+				w.unnamed, w.unnamedLost = w.unnamed[:0], true
+				return
+			}
+			w.rest, w.collecting = 1+int(binary.BigEndian.Uint32(b[1:])), false
+			switch body := b[headerLen:]; b[0] {
+			case 'Q': // a simple Query runs in the unnamed statement
+				w.unnamed, w.unnamedLost = w.unnamed[:0], false
+			case 'P':
+				switch {
+				case len(body) == 0: // its name is still to come: it may be the unnamed one
+					w.unnamed, w.unnamedLost = w.unnamed[:0], true
+				case body[0] == 0:
+					w.unnamed, w.unnamedLost = w.unnamed[:0], w.rest > maxUnnamed
+					w.collecting = !w.unnamedLost
+				}
+			case 'C':
+				if len(body) >= 2 && body[0] == 'S' && body[1] == 0 {
+					w.unnamed, w.unnamedLost = w.unnamed[:0], false
+				}
+			}
+		}
+		n := min(w.rest, len(b))
+		if w.collecting {
+			w.unnamed = append(w.unnamed, b[:n]...)
+		}
+		w.rest -= n
+		b = b[n:]
+	}
 }
 
 func newForwarder(ss *session) *forwarder {
@@ -286,7 +343,7 @@ func (f *forwarder) idle() error {
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
 		f.w.mu.Lock()
-		res := f.connect(TxIdle)
+		res := f.connect(TxIdle, f.w.unnamed)
 		if res.primary != nil {
 			f.switchTo(res.primary, res.state)
 			f.retried, f.retriedAt = true, f.ss.proto.commits
@@ -301,6 +358,9 @@ func (f *forwarder) idle() error {
 	}
 	f.w.mu.Lock()
 	f.newEpoch()
+	if f.ss.proto.busy() { // the client sent more meanwhile, perhaps before the epoch began
+		f.w.recording, f.w.missed = false, f.active
+	}
 	f.w.mu.Unlock()
 	return nil
 }
@@ -314,7 +374,8 @@ func (f *forwarder) newEpoch() {
 	if cap(f.w.rec) > keptRecording {
 		f.w.rec = nil
 	}
-	f.w.rec, f.w.recording = f.w.rec[:0], f.active
+	f.w.rec, f.w.recording, f.w.missed = f.w.rec[:0], f.active, false
+	f.w.epochUnnamed = append(f.w.epochUnnamed[:0], f.w.unnamed...)
 }
 
 // decide acts on the ReadyForQuery z that follows a held refusal: it moves the session and
@@ -382,12 +443,18 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 	switch {
 	case f.unitDelivered:
 		why = "it had already returned results"
+	case w.missed:
+		why = "pgfly had not seen the transaction begin"
 	case !w.recording:
 		why = fmt.Sprintf("the transaction sent more than the %d bytes pgfly keeps to re-run it", maxRecorded)
 	case refused < 0 || countUnits(rec[:refused]) != f.units:
 		why = "pgfly could not tell the transaction's requests apart"
 	}
-	res := f.connect(status)
+	unnamed := w.epochUnnamed // what the re-run begins with
+	if why != "" {
+		unnamed = w.unnamed // what the client's next request may use
+	}
+	res := f.connect(status, unnamed)
 	if res.primary == nil {
 		return res
 	}
@@ -397,13 +464,21 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		switch {
 		case err != nil:
 			f.dropPrimary()
-			return moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()}
+			return f.stayOnReplica(moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()})
 		case !same:
 			why = "the transaction's earlier statements returned different results on the primary"
+			var msgs []byte
+			zs := 0
 			if pstatus != TxIdle {
-				if _, err := f.exchange(p.conn, queryMessage("ROLLBACK"), 1, ss.srv.primaryUp.timeout, nil); err != nil {
+				msgs, zs = queryMessage("ROLLBACK"), 1
+			}
+			if len(w.unnamed) > 0 {
+				msgs, zs = append(append(msgs, w.unnamed...), syncMessage...), zs+1
+			}
+			if zs > 0 {
+				if _, err := f.exchange(p.conn, msgs, zs, ss.srv.primaryUp.timeout, ignoreErrors); err != nil {
 					f.dropPrimary()
-					return moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()}
+					return f.stayOnReplica(moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()})
 				}
 			}
 		}
@@ -426,8 +501,31 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 
 // connect readies a backend on the primary for the session, whose replica backend has just
 // answered a request with status: it brings the replica's session to idle, reads its state,
-// and opens the primary's backend with that state. The caller holds w.mu.
-func (f *forwarder) connect(status TxStatus) moveResult {
+// and opens the primary's backend with that state and unnamed, the client's Parse of the
+// unnamed statement, prepared. The caller holds w.mu.
+func (f *forwarder) connect(status TxStatus, unnamed []byte) moveResult {
+	if f.w.unnamedLost {
+		return moveResult{outcome: ForwardRefused, reason: fmt.Sprintf("the session's unnamed prepared statement is larger than "+
+			"the %d bytes pgfly keeps to prepare it on the primary", maxUnnamed)}
+	}
+	return f.stayOnReplica(f.open(status, unnamed))
+}
+
+// stayOnReplica prepares the client's unnamed statement again on the replica backend, which
+// pgfly's own requests dropped, when res leaves the session there.
+func (f *forwarder) stayOnReplica(res moveResult) moveResult {
+	if res.primary != nil || res.err != nil || len(f.w.unnamed) == 0 {
+		return res
+	}
+	if _, err := f.exchange(f.ss.upstreamConn(), append(f.w.unnamed[:len(f.w.unnamed):len(f.w.unnamed)], syncMessage...), 1,
+		f.ss.srv.upstream.timeout, ignoreErrors); err != nil {
+		return moveResult{err: err} // the replica's answers are not where the client's would be: the session ends
+	}
+	return res
+}
+
+// open is connect's work.
+func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
 	ss, srv := f.ss, f.ss.srv
 	refused := func(reason string) moveResult { return moveResult{outcome: ForwardRefused, reason: reason} }
 	rep := ss.upstreamConn()
@@ -445,14 +543,17 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 	}
 	fresh := parsedNames(f.w.rec) // the re-run prepares these
 	if f.pri != nil {             // its primary backend, kept from an earlier move
-		if err := f.carry(f.pri.conn, st, f.kept, fresh, srv.primaryUp.timeout); err == nil {
+		err := f.idleConn(f.pri.conn)
+		if err == nil {
+			err = f.carry(f.pri.conn, st, f.kept, fresh, unnamed, srv.primaryUp.timeout)
+		}
+		if err == nil {
 			return moveResult{primary: f.pri, state: st}
 		} else if err == errStopping {
 			return moveResult{err: err}
-		} else {
-			srv.log.Info("the session's primary backend failed: opening another", zap.Uint64("session", ss.info.ID), zap.Error(err))
-			f.dropPrimary()
 		}
+		srv.log.Info("the session's primary backend failed: opening another", zap.Uint64("session", ss.info.ID), zap.Error(err))
+		f.dropPrimary()
 	}
 	if max := srv.cfg.MaxForwarded; max > 0 && srv.forwarded.Add(1) > int64(max) {
 		srv.forwarded.Add(-1)
@@ -470,7 +571,7 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 		return refused(err.Error())
 	}
 	f.pri, f.counted = p, true
-	if err := f.carry(p.conn, st, sessionState{}, fresh, srv.primaryUp.timeout); err != nil {
+	if err := f.carry(p.conn, st, sessionState{}, fresh, unnamed, srv.primaryUp.timeout); err != nil {
 		f.dropPrimary()
 		if err == errStopping {
 			return moveResult{err: err}
@@ -481,18 +582,59 @@ func (f *forwarder) connect(status TxStatus) moveResult {
 }
 
 // carry makes the backend on c, which holds have, hold want: its settings and prepared
-// statements, but those named in fresh, which the requests about to be sent there prepare.
-func (f *forwarder) carry(c net.Conn, want, have sessionState, fresh map[string]bool, timeout time.Duration) error {
+// statements, but those named in fresh, which the requests about to be sent there prepare;
+// and unnamed, the client's Parse of the unnamed statement, when not empty. That one's error
+// is not carry's: the client's Parse failed, or it fails on this backend, and the client's
+// use of the statement meets the error that its Parse had or that it does not exist.
+func (f *forwarder) carry(c net.Conn, want, have sessionState, fresh map[string]bool, unnamed []byte, timeout time.Duration) error {
 	msgs, zs := settingsTo(want.settings, have.settings), 0
 	if msgs != nil {
 		zs++
 	}
 	pm, pz := statementsTo(want.prepared, have.prepared, fresh)
-	if zs+pz == 0 {
+	msgs, zs = append(msgs, pm...), zs+pz
+	mine := zs
+	if len(unnamed) > 0 {
+		msgs, zs = append(append(msgs, unnamed...), syncMessage...), zs+1
+	}
+	if zs == 0 {
 		return nil
 	}
-	_, err := f.exchange(c, append(msgs, pm...), zs+pz, timeout, nil)
+	var failed error
+	answered := 0
+	_, err := f.exchange(c, msgs, zs, timeout, func(msg []byte) error {
+		switch {
+		case msg[0] == 'Z':
+			answered++
+		case msg[0] == 'E' && answered < mine && failed == nil:
+			failed = newSQLError(msg[headerLen:])
+		}
+		return nil
+	})
+	if err == nil {
+		err = failed
+	}
 	return err
+}
+
+// idleConn checks that an idle backend's connection has said nothing since it was last used,
+// waiting a millisecond: a backend that ended (idle_session_timeout, a restart, a terminate)
+// sent its FATAL and closed. A link that went silent is not noticed.
+func (f *forwarder) idleConn(c net.Conn) error {
+	if !f.ss.setDeadline(c.SetReadDeadline, time.Now().Add(time.Millisecond)) {
+		return errStopping
+	}
+	defer c.SetReadDeadline(time.Time{})
+	var b [1]byte
+	n, err := c.Read(b[:])
+	var ne net.Error
+	switch {
+	case n == 0 && errors.As(err, &ne) && ne.Timeout():
+		return nil
+	case err != nil:
+		return err
+	}
+	return errors.New("the idle backend sent a message")
 }
 
 // dropPrimary closes the session's primary backend, which it is not on.
@@ -581,6 +723,9 @@ func (f *forwarder) goBack() error {
 	if w.writes != f.sentAt {
 		return nil // the client was quicker: what it sent runs on the primary
 	}
+	if w.unnamedLost {
+		return nil // it cannot be prepared on the replica: back at an idle point after it is gone
+	}
 	start := time.Now()
 	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery, f.pass)
 	var se *sqlError
@@ -603,7 +748,7 @@ func (f *forwarder) goBack() error {
 		return nil
 	}
 	if err == nil {
-		err = f.carry(f.rep, st, f.kept, nil, ss.srv.upstream.timeout)
+		err = f.carry(f.rep, st, f.kept, nil, w.unnamed, ss.srv.upstream.timeout)
 	}
 	if err == errStopping {
 		return err
@@ -619,8 +764,8 @@ func (f *forwarder) goBack() error {
 	f.w.c = f.rep
 	f.out.src, f.out.watch, f.out.tap = f.rep, &watchAll, f.tap
 	f.rep, f.moved = nil, false
+	ss.onPrimary.Store(false) // before the key goes: a cancel meanwhile goes to the replica with the client's key
 	f.primaryKey.Store("")
-	ss.onPrimary.Store(false)
 	ss.proto.standby.Store("on")
 	f.report(ForwardBack, "")
 	f.newEpoch()

@@ -1,7 +1,11 @@
 package wire
 
 import (
+	"bytes"
+	"strings"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // The primary URL's password serves only sessions of its own user that the upstream made
@@ -33,5 +37,46 @@ func TestPrimaryLoginPassword(t *testing.T) {
 		if len(cfg.RuntimeParams) != 2 || cfg.RuntimeParams["application_name"] != "worker" || cfg.RuntimeParams["search_path"] != "jobs" {
 			t.Errorf("startup parameters %v, want the client's own (application_name=worker, search_path=jobs)", cfg.RuntimeParams)
 		}
+	}
+}
+
+// The writer follows the client's unnamed statement through what it writes, in whole messages
+// or in the parts the pump writes a large one in.
+func TestUnnamedStatementTracking(t *testing.T) {
+	enc := func(msgs ...pgproto3.FrontendMessage) []byte {
+		var b []byte
+		for _, m := range msgs {
+			b, _ = m.Encode(b)
+		}
+		return b
+	}
+	unnamed := enc(&pgproto3.Parse{Query: "INSERT INTO t VALUES ($1)"})
+	large := enc(&pgproto3.Parse{Query: "SELECT '" + strings.Repeat("x", 20000) + "'"})
+	tooLarge := enc(&pgproto3.Parse{Query: "SELECT '" + strings.Repeat("x", maxUnnamed) + "'"})
+	for _, tc := range []struct {
+		name   string
+		writes [][]byte
+		want   []byte
+		lost   bool
+	}{
+		{"a Parse of the unnamed statement", [][]byte{enc(&pgproto3.Describe{ObjectType: 'S'}), unnamed, enc(&pgproto3.Sync{})}, unnamed, false},
+		{"a named Parse leaves it", [][]byte{unnamed, enc(&pgproto3.Parse{Name: "s1", Query: "SELECT 1"}, &pgproto3.Sync{})}, unnamed, false},
+		{"a simple Query drops it", [][]byte{unnamed, enc(&pgproto3.Query{String: "SELECT 1"})}, nil, false},
+		{"a Close drops it", [][]byte{unnamed, enc(&pgproto3.Close{ObjectType: 'S'}, &pgproto3.Sync{})}, nil, false},
+		{"a Close of a portal leaves it", [][]byte{unnamed, enc(&pgproto3.Close{ObjectType: 'P'}, &pgproto3.Sync{})}, unnamed, false},
+		{"a large one in parts", [][]byte{large[:8192], large[8192:16384], append(append([]byte(nil), large[16384:]...), enc(&pgproto3.Sync{})...)}, large, false},
+		{"a header alone", [][]byte{unnamed[:headerLen], unnamed[headerLen:]}, nil, true},
+		{"one too large to keep", [][]byte{tooLarge[:8192], tooLarge[8192:]}, nil, true},
+		{"a Query after one too large", [][]byte{tooLarge, enc(&pgproto3.Query{String: "SELECT 1"})}, nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := &upstreamWriter{}
+			for _, b := range tc.writes {
+				w.track(b)
+			}
+			if !bytes.Equal(w.unnamed, tc.want) || w.unnamedLost != tc.lost || w.rest != 0 {
+				t.Fatalf("got %d bytes, lost %v, %d to come; want %d bytes, lost %v", len(w.unnamed), w.unnamedLost, w.rest, len(tc.want), tc.lost)
+			}
+		})
 	}
 }

@@ -293,6 +293,13 @@ func readMessage(r io.Reader, buf *[]byte, max int) ([]byte, error) {
 	return b, nil
 }
 
+// syncMessage is a Sync.
+var syncMessage = []byte{'S', 0, 0, 0, 4}
+
+// ignoreErrors is an exchange's each that lets the server's errors pass: they are not the
+// exchange's to report.
+func ignoreErrors([]byte) error { return nil }
+
 // queryMessage encodes a simple Query.
 func queryMessage(sql string) []byte {
 	b, _ := (&pgproto3.Query{String: sql}).Encode(nil)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -148,6 +149,88 @@ func TestForwardAutocommitWrite(t *testing.T) {
 	}
 	if v := r.events.Violations(); len(v) != 0 {
 		t.Errorf("a forwarding relay reported %d read-only violations; it has no HTTP request to replay", len(v))
+	}
+}
+
+// pgx's describe-exec mode prepares the unnamed statement in one request (Parse, Describe,
+// Sync) and runs it in the next (Bind, Execute, Sync), and pgfly's own requests between the
+// two (a move's, a move back's) drop or replace it: it is prepared again on the backend the
+// session goes on with. A write refused on the replica runs once on the primary; a write
+// after a move back that carried a setting (with pgfly's own set_config statement) runs
+// itself, not that statement.
+func TestForwardUnnamedStatement(t *testing.T) {
+	forwardTable(t, "fwd_unnamed", "k text, v text")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	cfg, _ := pgx.ParseConfig(r.url(pgcluster.RoleSCRAM))
+	cfg.DefaultQueryExecMode = pgx.QueryExecModeDescribeExec
+	c := connectConfig(t, cfg)
+	resume := pauseReplay(t) // the session stays on the primary, and sets something there
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_unnamed VALUES ($1, $2)", "refused", "v"); err != nil {
+		t.Fatalf("a describe-exec write refused on the replica: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_unnamed WHERE k = 'refused'"); n != 1 {
+		t.Fatalf("the primary has %d rows of the refused write, want 1", n)
+	}
+	if _, err := c.Exec(ctx, "SET application_name = 'fwd-unnamed'", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM fwd_unnamed WHERE k = $1", "refused").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("a describe-exec read on the primary: %d, %v; want 1", n, err)
+	}
+	resume()
+	time.Sleep(1200 * time.Millisecond) // past the recheck: the next idle point moves back
+	for i := range 3 {
+		k := fmt.Sprintf("after-%d", i)
+		tag, err := c.Exec(ctx, "INSERT INTO fwd_unnamed VALUES ($1, $2)", k, "v")
+		if err != nil || tag.String() != "INSERT 0 1" {
+			t.Fatalf("write %d: %q, %v; want INSERT 0 1", i, tag, err)
+		}
+		if n := onPrimary(t, "SELECT count(*) FROM fwd_unnamed WHERE k = $1", k); n != 1 {
+			t.Fatalf("write %d answered %q, and the primary has %d rows of it, want 1", i, tag, n)
+		}
+		backOnReplica(t, c)
+	}
+	var app string
+	if err := c.QueryRow(ctx, "SELECT current_setting('application_name')").Scan(&app); err != nil || app != "fwd-unnamed" {
+		t.Fatalf("back on the replica: application_name %q, %v; want fwd-unnamed", app, err)
+	}
+	if got := outcomes(r.events.Forwards()); !slices.Contains(got, "back") {
+		t.Errorf("forward outcomes %v: the session never moved back, and the test tested nothing of it", got)
+	}
+}
+
+// A session's primary backend, kept idle while it is back on the replica, ends (a restart,
+// idle_session_timeout, pg_terminate_backend): its next write gets another one.
+func TestForwardKeptPrimaryBackendEnded(t *testing.T) {
+	forwardTable(t, "fwd_kept", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	cfg, _ := pgx.ParseConfig(r.url(pgcluster.RoleSCRAM))
+	cfg.RuntimeParams["application_name"] = "fwd-kept"
+	cfg.DefaultQueryExecMode = pgx.QueryExecModeExec // nothing to carry: the kept backend would not be asked anything
+	c := connectConfig(t, cfg)
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_kept VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	backOnReplica(t, c)
+	if n := onPrimary(t, "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'fwd-kept'"); n != 1 {
+		t.Fatalf("terminated %d primary backends, want the session's 1", n)
+	}
+	for deadline := time.Now().Add(30 * time.Second); onPrimary(t, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fwd-kept'") != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the terminated backend is still there after 30s")
+		}
+	}
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_kept VALUES (2)"); err != nil {
+		t.Fatalf("a write after the kept primary backend ended: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_kept"); n != 2 {
+		t.Fatalf("the primary has %d rows, want 2", n)
+	}
+	if n := r.ForwardedSessions(); n != 1 {
+		t.Errorf("%d forwarded sessions counted, want 1", n)
 	}
 }
 
