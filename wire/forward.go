@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -543,6 +544,7 @@ func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
 	}
 	fresh := parsedNames(f.w.rec) // the re-run prepares these
 	if f.pri != nil {             // its primary backend, kept from an earlier move
+		f.unkeep()
 		err := f.idleConn(f.pri.conn)
 		if err == nil {
 			err = f.carry(f.pri.conn, st, f.kept, fresh, unnamed, srv.primaryUp.timeout)
@@ -555,7 +557,7 @@ func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
 		srv.log.Info("the session's primary backend failed: opening another", zap.Uint64("session", ss.info.ID), zap.Error(err))
 		f.dropPrimary()
 	}
-	if max := srv.cfg.MaxForwarded; max > 0 && srv.forwarded.Add(1) > int64(max) {
+	if max := srv.cfg.MaxForwarded; max > 0 && srv.forwarded.Add(1) > int64(max) && !srv.reclaim(f, ss.info.ID) {
 		srv.forwarded.Add(-1)
 		return moveResult{outcome: ForwardLimit, reason: fmt.Sprintf("%d sessions are on the primary (--max-forwarded-sessions)", max)}
 	} else if max <= 0 {
@@ -639,19 +641,81 @@ func (f *forwarder) idleConn(c net.Conn) error {
 
 // dropPrimary closes the session's primary backend, which it is not on.
 func (f *forwarder) dropPrimary() {
+	f.unkeep()
 	if f.pri != nil {
 		f.pri.close(f.ss)
 		f.pri, f.counted = nil, false
 	}
 }
 
-// closeKept closes the backend kept idle, when the session ends; the caller closes the other.
-func (f *forwarder) closeKept() {
+// end closes the backend kept idle, when the session ends (the caller closes the other), and
+// gives up the session's place under MaxForwarded.
+func (f *forwarder) end() {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	f.unkeep()
 	if f.moved && f.rep != nil {
 		f.rep.Close()
 	} else if !f.moved && f.pri != nil {
 		f.pri.conn.Close()
 	}
+	if f.counted {
+		f.ss.srv.forwarded.Add(-1)
+		f.pri, f.counted = nil, false
+	}
+}
+
+// keep offers the session's primary backend, idle now that the session is back on its
+// upstream, to sessions that need a place under MaxForwarded (reclaim). The caller holds w.mu.
+func (f *forwarder) keep() {
+	srv := f.ss.srv
+	srv.keptMu.Lock()
+	defer srv.keptMu.Unlock()
+	if srv.kept == nil {
+		srv.kept = map[*forwarder]time.Time{}
+	}
+	srv.kept[f] = time.Now()
+}
+
+// unkeep withdraws keep's offer. The caller holds w.mu.
+func (f *forwarder) unkeep() {
+	srv := f.ss.srv
+	srv.keptMu.Lock()
+	delete(srv.kept, f)
+	srv.keptMu.Unlock()
+}
+
+// reclaim closes the idle primary backend that another session has kept the longest, making
+// room under MaxForwarded for session id's (whose forwarder is self, or nil); it tells whether
+// it did. A session busy moving (its w.mu
+// held) is passed over, so that two sessions reclaiming at once never wait on each other.
+func (s *Server) reclaim(self *forwarder, id uint64) bool {
+	s.keptMu.Lock()
+	others := make([]*forwarder, 0, len(s.kept))
+	for f := range s.kept {
+		if f != self {
+			others = append(others, f)
+		}
+	}
+	slices.SortFunc(others, func(a, b *forwarder) int { return s.kept[a].Compare(s.kept[b]) })
+	s.keptMu.Unlock()
+	for _, o := range others {
+		if !o.w.mu.TryLock() {
+			continue
+		}
+		released := !o.moved && o.pri != nil
+		o.unkeep()
+		if released {
+			o.dropPrimary()
+		}
+		o.w.mu.Unlock()
+		if released {
+			s.log.Info("closed a session's idle primary backend for another session's write (--max-forwarded-sessions)",
+				zap.Uint64("session", o.ss.info.ID), zap.Uint64("for_session", id))
+			return true
+		}
+	}
+	return false
 }
 
 // direct relays a session whose upstream refused its startup (why) to the primary instead, from
@@ -768,6 +832,7 @@ func (f *forwarder) goBack() error {
 	f.primaryKey.Store("")
 	ss.proto.standby.Store("on")
 	f.report(ForwardBack, "")
+	f.keep()
 	f.newEpoch()
 	return nil
 }

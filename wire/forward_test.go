@@ -507,12 +507,14 @@ func TestForwardKeepsWhatCannotMove(t *testing.T) {
 }
 
 // Past MaxForwarded sessions on the primary, a refused write is answered 53300, clearly, and
-// the sessions already there are unharmed.
+// the sessions already there are unharmed; a session back on the replica gives up its idle
+// primary backend to another session's write.
 func TestForwardLimit(t *testing.T) {
 	forwardTable(t, "fwd_limit", "id int")
 	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{MaxForwarded: 1})
 	ctx := context.Background()
 	first := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	resume := pauseReplay(t) // the first session stays on the primary
 	if _, err := first.Exec(ctx, "INSERT INTO fwd_limit VALUES (1)"); err != nil {
 		t.Fatal(err)
 	}
@@ -527,16 +529,31 @@ func TestForwardLimit(t *testing.T) {
 	if r.ForwardedSessions() != 1 {
 		t.Fatalf("ForwardedSessions = %d, want 1", r.ForwardedSessions())
 	}
+	resume()
+	backOnReplica(t, first)
+	if _, err := second.Exec(ctx, "INSERT INTO fwd_limit VALUES (2)"); err != nil {
+		t.Fatalf("once the first session is back on the replica: %v", err)
+	}
+	backOnReplica(t, second)
+	if _, err := first.Exec(ctx, "INSERT INTO fwd_limit VALUES (4)"); err != nil {
+		t.Fatalf("the first session's next write, with the second back on the replica: %v", err)
+	}
+	if r.ForwardedSessions() != 1 {
+		t.Fatalf("ForwardedSessions = %d, want 1", r.ForwardedSessions())
+	}
 	first.Close(ctx)
 	deadline := time.Now().Add(time.Minute)
 	for r.ForwardedSessions() != 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if _, err := second.Exec(ctx, "INSERT INTO fwd_limit VALUES (2)"); err != nil {
+	if r.ForwardedSessions() != 0 {
+		t.Fatalf("ForwardedSessions = %d a minute after the only session on the primary closed, want 0", r.ForwardedSessions())
+	}
+	if _, err := second.Exec(ctx, "INSERT INTO fwd_limit VALUES (5)"); err != nil {
 		t.Fatalf("once the first session closed: %v", err)
 	}
-	if n := onPrimary(t, "SELECT count(*) FROM fwd_limit"); n != 3 {
-		t.Fatalf("the primary has %d rows, want 3", n)
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_limit"); n != 5 {
+		t.Fatalf("the primary has %d rows, want 5", n)
 	}
 }
 

@@ -97,7 +97,8 @@ type Config struct {
 	// that is later replayed would run twice.
 	Primary string
 	// MaxForwarded bounds the sessions holding a backend on the primary at once (a session
-	// moved back to the upstream keeps its primary backend idle); past it a refused session's
+	// moved back to the upstream keeps its primary backend idle, until a session's move at the
+	// bound closes it: reclaim); past it a refused session's
 	// client is answered 53300. DefaultMaxForwarded when zero; negative: no bound.
 	MaxForwarded int
 }
@@ -118,9 +119,11 @@ type Server struct {
 	// Forwarding (Config.Primary); primaryUp is nil when it is off.
 	primaryUp   *upstream
 	primaryCfg  *pgconn.Config
-	forwarded   atomic.Int64   // sessions holding a primary backend (on it, or kept idle), under MaxForwarded
-	loginWarned sync.Map       // users pgfly could not log in to the primary as, warned once
-	wg          sync.WaitGroup // one per live session and per cancel forward
+	forwarded   atomic.Int64 // sessions holding a primary backend (on it, or kept idle), under MaxForwarded
+	keptMu      sync.Mutex
+	kept        map[*forwarder]time.Time // sessions back on the upstream, and since when their primary backend is idle
+	loginWarned sync.Map                 // users pgfly could not log in to the primary as, warned once
+	wg          sync.WaitGroup           // one per live session and per cancel forward
 
 	mu       sync.Mutex
 	starting map[net.Conn]struct{} // accepted connections not yet relaying

@@ -129,9 +129,9 @@ func (s *Server) handle(c net.Conn, full bool) {
 	defer func() {
 		ss.upstreamConn().Close()
 		if ss.fwd != nil {
-			ss.fwd.closeKept()
+			ss.fwd.end()
 		}
-		if ss.direct || ss.fwd != nil && ss.fwd.counted { // both pumps have returned
+		if ss.direct { // both pumps have returned
 			s.forwarded.Add(-1)
 		}
 	}()
@@ -499,7 +499,7 @@ func (ss *session) setDeadline(set func(time.Time) error, t time.Time) bool {
 // from its start: its client logs in there itself.
 func (ss *session) dialDirect(err error) (net.Conn, error) {
 	s := ss.srv
-	if max := s.cfg.MaxForwarded; max > 0 && s.forwarded.Add(1) > int64(max) {
+	if max := s.cfg.MaxForwarded; max > 0 && s.forwarded.Add(1) > int64(max) && !s.reclaim(ss.fwd, ss.info.ID) {
 		s.forwarded.Add(-1)
 		return nil, fmt.Errorf("%w; and %d sessions are on the primary already (--max-forwarded-sessions)", err, max)
 	} else if max <= 0 {
