@@ -72,6 +72,7 @@ const (
 	maxCatchUp   = time.Second
 	minCatchUp   = 10 * time.Millisecond
 	recheckAfter = time.Second
+	retryStay    = time.Minute
 )
 
 // SQLSTATE pgfly answers for a request it could not re-run on the primary.
@@ -101,13 +102,16 @@ type forwarder struct {
 	rep  net.Conn     // its replica backend, kept idle while it is on the primary
 	kept sessionState // what the idle one of the two holds
 
-	// retried: the client was answered 40001, and its retry is to run on the primary: the
-	// session does not move back until a transaction that wrote has ended there (commits
-	// past retriedAt). nextBack is when it tries again after the replica was found behind.
-	retried   bool
-	retriedAt uint64
-	nextBack  time.Time
-	sentAt    uint64 // w.writes when back was decided on
+	// retried: the client was answered 40001 (at retriedWhen), and its retry is to run on the
+	// primary: the session does not move back until a transaction that wrote has ended there
+	// (commits past retriedAt), or for retryStay if none does (a retry whose write the command
+	// tags do not show, such as SELECT of a function that writes). nextBack is when it tries
+	// again after the replica was found behind.
+	retried     bool
+	retriedAt   uint64
+	retriedWhen time.Time
+	nextBack    time.Time
+	sentAt      uint64 // w.writes when back was decided on
 
 	hash          hash.Hash // of what the client received in this epoch
 	units         int       // requests answered in this epoch
@@ -347,7 +351,7 @@ func (f *forwarder) idle() error {
 		res := f.connect(TxIdle, f.w.unnamed)
 		if res.primary != nil {
 			f.switchTo(res.primary, res.state)
-			f.retried, f.retriedAt = true, f.ss.proto.commits
+			f.retried, f.retriedAt, f.retriedWhen = true, f.ss.proto.commits, time.Now()
 		}
 		f.w.mu.Unlock()
 		if res.primary == nil { // the client was answered 40001 for nothing: say why
@@ -400,7 +404,7 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 	case ForwardRetry:
 		answer = retryError(res.reason)
 		if f.moved {
-			f.retried, f.retriedAt = true, f.ss.proto.commits
+			f.retried, f.retriedAt, f.retriedWhen = true, f.ss.proto.commits, time.Now()
 		}
 	case ForwardLimit:
 		answer = errorMessage("ERROR", codeTooManyConnections, fmt.Sprintf("pgfly: this statement needs the primary, and %d sessions "+
@@ -766,7 +770,7 @@ func (f *forwarder) back() {
 	if f.pinned || f.rep == nil || time.Now().Before(f.nextBack) {
 		return
 	}
-	if f.retried && ss.proto.commits == f.retriedAt {
+	if f.retried && ss.proto.commits == f.retriedAt && time.Since(f.retriedWhen) < retryStay {
 		return
 	}
 	f.retried = false
