@@ -150,8 +150,9 @@ type upstreamWriter struct {
 	unnamed      []byte
 	unnamedLost  bool
 	epochUnnamed []byte
-	collecting   bool // the message being written is such a Parse
-	rest         int  // bytes of a message begun in an earlier Write still to come
+	collecting   bool   // the message being written is such a Parse
+	rest         int    // bytes of a message begun in an earlier Write still to come
+	parseHead    []byte // a Parse's header written alone: its name, in the next Write, tells which it is
 }
 
 func (w *upstreamWriter) Write(b []byte) (int, error) {
@@ -172,6 +173,16 @@ func (w *upstreamWriter) Write(b []byte) (int, error) {
 // track follows the client's unnamed statement through what it sends, b: whole messages and
 // the parts of a large one (the pump writes each header whole).
 func (w *upstreamWriter) track(b []byte) {
+	if len(w.parseHead) > 0 && len(b) > 0 {
+		if b[0] == 0 { // the unnamed statement
+			w.unnamed, w.unnamedLost = w.unnamed[:0], headerLen+w.rest > maxUnnamed
+			w.collecting = !w.unnamedLost
+			if w.collecting {
+				w.unnamed = append(w.unnamed, w.parseHead...)
+			}
+		}
+		w.parseHead = w.parseHead[:0]
+	}
 	for len(b) > 0 {
 		if w.rest == 0 {
 			if len(b) < headerLen {
@@ -184,8 +195,8 @@ func (w *upstreamWriter) track(b []byte) {
 				w.unnamed, w.unnamedLost = w.unnamed[:0], false
 			case 'P':
 				switch {
-				case len(body) == 0: // its name is still to come: it may be the unnamed one
-					w.unnamed, w.unnamedLost = w.unnamed[:0], true
+				case len(body) == 0: // its name is in the next Write
+					w.parseHead = append(w.parseHead[:0], b[:headerLen]...)
 				case body[0] == 0:
 					w.unnamed, w.unnamedLost = w.unnamed[:0], w.rest > maxUnnamed
 					w.collecting = !w.unnamedLost
@@ -345,9 +356,13 @@ func (f *forwarder) idle() error {
 		f.back()
 		return nil
 	} else if f.moveAtIdle != "" {
+		f.w.mu.Lock()
+		if f.ss.proto.busy() { // the client sent more meanwhile: it runs on the replica, and the move waits
+			f.w.mu.Unlock()
+			return nil
+		}
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
-		f.w.mu.Lock()
 		res := f.connect(TxIdle, f.w.unnamed)
 		if res.primary != nil {
 			f.switchTo(res.primary, res.state)
@@ -469,7 +484,7 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		switch {
 		case err != nil:
 			f.dropPrimary()
-			return f.stayOnReplica(moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()})
+			return moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()}
 		case !same:
 			why = "the transaction's earlier statements returned different results on the primary"
 			var msgs []byte
@@ -483,7 +498,7 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 			if zs > 0 {
 				if _, err := f.exchange(p.conn, msgs, zs, ss.srv.primaryUp.timeout, ignoreErrors); err != nil {
 					f.dropPrimary()
-					return f.stayOnReplica(moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()})
+					return moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()}
 				}
 			}
 		}
@@ -513,20 +528,7 @@ func (f *forwarder) connect(status TxStatus, unnamed []byte) moveResult {
 		return moveResult{outcome: ForwardRefused, reason: fmt.Sprintf("the session's unnamed prepared statement is larger than "+
 			"the %d bytes pgfly keeps to prepare it on the primary", maxUnnamed)}
 	}
-	return f.stayOnReplica(f.open(status, unnamed))
-}
-
-// stayOnReplica prepares the client's unnamed statement again on the replica backend, which
-// pgfly's own requests dropped, when res leaves the session there.
-func (f *forwarder) stayOnReplica(res moveResult) moveResult {
-	if res.primary != nil || res.err != nil || len(f.w.unnamed) == 0 {
-		return res
-	}
-	if _, err := f.exchange(f.ss.upstreamConn(), append(f.w.unnamed[:len(f.w.unnamed):len(f.w.unnamed)], syncMessage...), 1,
-		f.ss.srv.upstream.timeout, ignoreErrors); err != nil {
-		return moveResult{err: err} // the replica's answers are not where the client's would be: the session ends
-	}
-	return res
+	return f.open(status, unnamed)
 }
 
 // open is connect's work.
@@ -534,14 +536,23 @@ func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
 	ss, srv := f.ss, f.ss.srv
 	refused := func(reason string) moveResult { return moveResult{outcome: ForwardRefused, reason: reason} }
 	rep := ss.upstreamConn()
+	// A failure of the replica's connection here ends the session: what the replica still owes
+	// pgfly would reach the client as answers to its own requests.
+	var se *sqlError
 	if status != TxIdle {
-		if _, err := f.exchange(rep, queryMessage("ROLLBACK"), 1, srv.upstream.timeout, nil); err != nil {
+		if _, err := f.exchange(rep, queryMessage("ROLLBACK"), 1, srv.upstream.timeout, nil); errors.As(err, &se) {
 			return refused("the replica failed: " + err.Error())
+		} else if err != nil {
+			return moveResult{err: err}
 		}
 	}
-	st, err := f.readState(rep, srv.upstream.timeout, stateQuery, nil)
-	if err != nil {
+	// The replica's session stays as the client left it, its unnamed statement prepared again
+	// after pgfly's requests, whether or not it moves.
+	st, err := f.readState(rep, srv.upstream.timeout, stateQuery, nil, f.w.unnamed)
+	if errors.As(err, &se) {
 		return refused("could not read the session's state on the replica: " + err.Error())
+	} else if err != nil {
+		return moveResult{err: err}
 	}
 	if st.blocker != "" {
 		return refused("the session holds " + st.blocker + ", which cannot move to the primary")
@@ -795,7 +806,8 @@ func (f *forwarder) goBack() error {
 		return nil // it cannot be prepared on the replica: back at an idle point after it is gone
 	}
 	start := time.Now()
-	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery, f.pass)
+	// The primary's session stays as the client left it too, in case the session stays there.
+	st, err := f.readState(f.pri.conn, ss.srv.primaryUp.timeout, checkQuery, f.pass, w.unnamed)
 	var se *sqlError
 	switch {
 	case errors.As(err, &se) && se.code == codeQueryCanceled:

@@ -52,6 +52,7 @@ func TestUnnamedStatementTracking(t *testing.T) {
 	}
 	unnamed := enc(&pgproto3.Parse{Query: "INSERT INTO t VALUES ($1)"})
 	large := enc(&pgproto3.Parse{Query: "SELECT '" + strings.Repeat("x", 20000) + "'"})
+	named := enc(&pgproto3.Parse{Name: "stmtcache_1", Query: "SELECT '" + strings.Repeat("y", 20000) + "'"})
 	tooLarge := enc(&pgproto3.Parse{Query: "SELECT '" + strings.Repeat("x", maxUnnamed) + "'"})
 	for _, tc := range []struct {
 		name   string
@@ -65,7 +66,9 @@ func TestUnnamedStatementTracking(t *testing.T) {
 		{"a Close drops it", [][]byte{unnamed, enc(&pgproto3.Close{ObjectType: 'S'}, &pgproto3.Sync{})}, nil, false},
 		{"a Close of a portal leaves it", [][]byte{unnamed, enc(&pgproto3.Close{ObjectType: 'P'}, &pgproto3.Sync{})}, unnamed, false},
 		{"a large one in parts", [][]byte{large[:8192], large[8192:16384], append(append([]byte(nil), large[16384:]...), enc(&pgproto3.Sync{})...)}, large, false},
-		{"a header alone", [][]byte{unnamed[:headerLen], unnamed[headerLen:]}, nil, true},
+		{"a header alone", [][]byte{unnamed[:headerLen], unnamed[headerLen:]}, unnamed, false},
+		{"a named Parse's header alone", [][]byte{unnamed, named[:headerLen], named[headerLen:]}, unnamed, false},
+		{"the header alone of one too large", [][]byte{tooLarge[:headerLen], tooLarge[headerLen:]}, nil, true},
 		{"one too large to keep", [][]byte{tooLarge[:8192], tooLarge[8192:]}, nil, true},
 		{"a Query after one too large", [][]byte{tooLarge, enc(&pgproto3.Query{String: "SELECT 1"})}, nil, false},
 	} {

@@ -77,17 +77,27 @@ func (st *sessionState) row(body []byte) error {
 	return nil
 }
 
-// readState runs query, stateQuery or checkQuery, on a backend's idle session. The other
-// messages of the answer are passed to other, when it is not nil.
-func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string, other func(msg []byte) error) (sessionState, error) {
+// readState runs query, stateQuery or checkQuery, on a backend's idle session, and then
+// unnamed, the client's Parse of the unnamed statement (when not empty), which the query
+// dropped: its answer is not readState's. The other messages are passed to other, when it is
+// not nil.
+func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string, other func(msg []byte) error, unnamed []byte) (sessionState, error) {
 	var st sessionState
 	var failed error
-	_, err := f.exchange(c, queryMessage(query), 1, timeout, func(msg []byte) error {
-		switch msg[0] {
-		case 'E':
+	msgs, zs := queryMessage(query), 1
+	if len(unnamed) > 0 {
+		msgs, zs = append(append(msgs, unnamed...), syncMessage...), 2
+	}
+	answered := 0
+	_, err := f.exchange(c, msgs, zs, timeout, func(msg []byte) error {
+		switch {
+		case msg[0] == 'E' && answered == 0:
 			failed = newSQLError(msg[headerLen:])
-		case 'D':
+		case msg[0] == 'D' && answered == 0:
 			return st.row(msg[headerLen:])
+		case msg[0] == 'Z':
+			answered++
+			fallthrough
 		default:
 			if other != nil {
 				return other(msg)
