@@ -118,7 +118,10 @@ type forwarder struct {
 	held          []byte    // metadata of the current request, held back
 	unitDelivered bool      // the current request's answer has reached the client in part
 
-	refusing bool   // a refusal is held until its ReadyForQuery
+	refusing bool // a refusal is held until its ReadyForQuery
+	// answered: a refusal of this epoch reached the client as an error, and the request it
+	// refused did not run: the epoch is never re-run, which would run it.
+	answered bool
 	refusal  []byte // the refusal's ErrorResponse
 	late     []byte // what came between it and its ReadyForQuery
 
@@ -290,6 +293,7 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 			// The client sent no Sync yet and may wait for this error (after a Flush): it cannot
 			// be held until a ReadyForQuery. The session moves at its next idle point.
 			f.moveAtIdle = "the client had not finished sending its request"
+			f.answered = true
 			f.report(ForwardRetry, f.moveAtIdle)
 			ss.proto.server(typ, msg[headerLen:])
 			return f.deliver(typ, retryError(f.moveAtIdle), true)
@@ -390,7 +394,7 @@ func (f *forwarder) newEpoch() {
 	standby, _ := f.ss.proto.standby.Load().(string)
 	f.active = standby == "on"
 	f.hash.Reset()
-	f.units = 0
+	f.units, f.answered = 0, false
 	if cap(f.w.rec) > keptRecording {
 		f.w.rec = nil
 	}
@@ -415,6 +419,7 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 		return suppressed, nil
 	}
 	answer := f.refusal
+	f.answered = true
 	switch res.outcome {
 	case ForwardRetry:
 		answer = retryError(res.reason)
@@ -465,6 +470,8 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		why = "it had already returned results"
 	case w.missed:
 		why = "pgfly had not seen the transaction begin"
+	case f.answered:
+		why = "an earlier request of the same batch was refused"
 	case !w.recording:
 		why = fmt.Sprintf("the transaction sent more than the %d bytes pgfly keeps to re-run it", maxRecorded)
 	case refused < 0 || countUnits(rec[:refused]) != f.units:
@@ -765,6 +772,7 @@ func (f *forwarder) switchTo(p *primaryConn, st sessionState) {
 	f.w.c, f.w.recording = p.conn, false
 	f.out.src, f.out.watch, f.out.tap = p.conn, &ss.srv.watchOut, nil
 	f.moved, f.active = true, false
+	f.moveAtIdle = "" // the move it owed is made
 	f.primaryKey.Store(p.key)
 	ss.onPrimary.Store(true)
 	ss.proto.standby.Store("off")

@@ -560,6 +560,54 @@ func TestForwardLimit(t *testing.T) {
 	}
 }
 
+// Two autocommit writes pipelined, each with its own Sync: the first is refused while the
+// second is in flight, and answered 40001; the second's move must not re-run the first, which
+// the client will retry: each runs on the primary once, the retries included. The session then
+// goes back to the replica like any other.
+func TestForwardPipelinedWrites(t *testing.T) {
+	forwardTable(t, "fwd_pipe", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p := c.PgConn().StartPipeline(ctx)
+	for id := 1; id <= 2; id++ {
+		p.SendQueryParams(fmt.Sprintf("INSERT INTO fwd_pipe VALUES (%d)", id), nil, nil, nil, nil)
+		p.SendPipelineSync()
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var errs [2]error
+	for i := range errs {
+		errs[i] = pipelineResult(t, p).Err
+		pipelineSync(t, p)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs {
+		id := i + 1
+		n := onPrimary(t, "SELECT count(*) FROM fwd_pipe WHERE id = $1", id)
+		switch {
+		case err == nil && n != 1:
+			t.Fatalf("INSERT %d succeeded, and the primary has %d rows of it, want 1", id, n)
+		case err != nil && sqlstate(err) != "40001":
+			t.Fatalf("INSERT %d: %v, want success or 40001", id, err)
+		case err != nil && n != 0:
+			t.Fatalf("INSERT %d was answered 40001, and the primary has %d rows of it, want 0: its retry would write it twice", id, n)
+		case err != nil: // the client's retry, on the primary
+			if _, err := c.Exec(ctx, fmt.Sprintf("INSERT INTO fwd_pipe VALUES (%d)", id)); err != nil {
+				t.Fatalf("the retry of INSERT %d: %v", id, err)
+			}
+		}
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_pipe"); n != 2 {
+		t.Fatalf("the primary has %d rows after the retries, want 2", n)
+	}
+	backOnReplica(t, c)
+}
+
 // A pipelined batch whose write follows a read that already returned rows cannot be re-run
 // unseen: 40001, nothing written, and the retry runs on the primary.
 func TestForwardBatchAfterResultsIs40001(t *testing.T) {
