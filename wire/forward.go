@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 )
 
@@ -359,34 +360,37 @@ func (f *forwarder) idle() error {
 	if f.moved {
 		f.back()
 		return nil
-	} else if f.moveAtIdle != "" {
-		f.w.mu.Lock()
-		if f.ss.proto.busy() { // the client sent more meanwhile: it runs on the replica, and the move waits
-			f.w.mu.Unlock()
-			return nil
-		}
+	}
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	// What the client sent meanwhile runs on the replica, and a move owed waits for it.
+	if f.moveAtIdle != "" && !f.inFlight() {
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
 		res := f.connect(TxIdle, f.w.unnamed)
+		if res.err != nil {
+			return res.err
+		}
 		if res.primary != nil {
 			f.switchTo(res.primary, res.state)
 			f.retried, f.retriedAt, f.retriedWhen = true, f.ss.proto.commits, time.Now()
-		}
-		f.w.mu.Unlock()
-		if res.primary == nil { // the client was answered 40001 for nothing: say why
-			f.report(res.outcome, "after a 40001 ("+why+"): "+res.reason)
-		} else {
 			f.ss.srv.log.Info("session moved to the primary", zap.Uint64("session", f.ss.info.ID), zap.String("user", f.ss.info.User), zap.String("reason", why))
 			return nil
 		}
+		f.report(res.outcome, "after a 40001 ("+why+"): "+res.reason) // the client was answered 40001 for nothing: say why
 	}
-	f.w.mu.Lock()
 	f.newEpoch()
-	if f.ss.proto.busy() { // the client sent more meanwhile, perhaps before the epoch began
+	if f.inFlight() { // the client sent more meanwhile, perhaps before the epoch began
 		f.w.recording, f.w.missed = false, f.active
 	}
-	f.w.mu.Unlock()
 	return nil
+}
+
+// inFlight tells whether the client has sent more than the server has answered: a request
+// (up to its Sync) owed an answer, or messages of one not yet ended by a Sync, such as a Parse
+// and a Describe it waits on after a Flush.
+func (f *forwarder) inFlight() bool {
+	return f.ss.proto.busy() || f.ss.proto.units.isOpen()
 }
 
 // newEpoch begins an epoch, followed when the upstream is a hot standby. The caller holds w.mu.
@@ -457,7 +461,7 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 	ss, w := f.ss, f.w
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if ss.proto.pending.Load() != 1 || ss.proto.unsynced.Load() || f.out.after > 0 {
+	if ss.proto.pending.Load() != 1 || ss.proto.unsynced.Load() || ss.proto.units.isOpen() || f.out.after > 0 {
 		// More requests follow it on the replica, where they must run in their order.
 		f.moveAtIdle = "more requests were in flight behind it"
 		return moveResult{outcome: ForwardRetry, reason: f.moveAtIdle}
@@ -477,13 +481,19 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 	case refused < 0 || countUnits(rec[:refused]) != f.units:
 		why = "pgfly could not tell the transaction's requests apart"
 	}
+	if why != "" && status != TxIdle {
+		// The client is told its transaction block failed, which its replica backend is in
+		// still: it stays there until the client's ROLLBACK, and moves then.
+		f.moveAtIdle = why
+		return moveResult{outcome: ForwardRetry, reason: why}
+	}
 	unnamed := w.epochUnnamed // what the re-run begins with
 	if why != "" {
 		unnamed = w.unnamed // what the client's next request may use
 	}
 	res := f.connect(status, unnamed)
 	if res.primary == nil {
-		return res
+		return f.keepFailed(res, status)
 	}
 	p := res.primary
 	if why == "" && f.units > 0 {
@@ -491,7 +501,7 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		switch {
 		case err != nil:
 			f.dropPrimary()
-			return moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()}
+			return f.keepFailed(moveResult{outcome: ForwardRefused, reason: "the primary failed while the transaction was re-run: " + err.Error()}, status)
 		case !same:
 			why = "the transaction's earlier statements returned different results on the primary"
 			var msgs []byte
@@ -499,13 +509,16 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 			if pstatus != TxIdle {
 				msgs, zs = queryMessage("ROLLBACK"), 1
 			}
-			if len(w.unnamed) > 0 {
+			if status != TxIdle {
+				m, z := f.failedBlock()
+				msgs, zs = append(msgs, m...), zs+z
+			} else if len(w.unnamed) > 0 {
 				msgs, zs = append(append(msgs, w.unnamed...), syncMessage...), zs+1
 			}
 			if zs > 0 {
 				if _, err := f.exchange(p.conn, msgs, zs, ss.srv.primaryUp.timeout, ignoreErrors); err != nil {
 					f.dropPrimary()
-					return moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()}
+					return f.keepFailed(moveResult{outcome: ForwardRefused, reason: "the primary failed: " + err.Error()}, status)
 				}
 			}
 		}
@@ -524,6 +537,35 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		return moveResult{outcome: ForwardMoved}
 	}
 	return moveResult{outcome: ForwardRetry, reason: why}
+}
+
+// failedBlock returns the messages that put an idle backend in a failed transaction block, with
+// the client's unnamed statement prepared (before the block fails, which would refuse it), and
+// how many ReadyForQuery messages answer them; their errors are not the caller's. A backend in a
+// failed block already stays so.
+func (f *forwarder) failedBlock() (msgs []byte, zs int) {
+	msgs, zs = queryMessage("BEGIN"), 1
+	if len(f.w.unnamed) > 0 {
+		msgs, zs = append(append(msgs, f.w.unnamed...), syncMessage...), zs+1
+	}
+	// A named Parse that fails (a syntax error) ends no other statement, the unnamed one included.
+	msgs, _ = (&pgproto3.Parse{Name: "pgfly.failed", Query: "pgfly: the transaction block failed"}).Encode(msgs)
+	return append(msgs, syncMessage...), zs + 1
+}
+
+// keepFailed puts the replica backend, on which res leaves a session that the client is told
+// is in a failed transaction block (status), back in one: pgfly's ROLLBACK ended the block there
+// to read its state, and the client's next statements must fail until its own ROLLBACK, not
+// run in autocommit.
+func (f *forwarder) keepFailed(res moveResult, status TxStatus) moveResult {
+	if status == TxIdle || res.err != nil {
+		return res
+	}
+	msgs, zs := f.failedBlock()
+	if _, err := f.exchange(f.ss.upstreamConn(), msgs, zs, f.ss.srv.upstream.timeout, ignoreErrors); err != nil {
+		return moveResult{err: err}
+	}
+	return res
 }
 
 // connect readies a backend on the primary for the session, whose replica backend has just
@@ -795,7 +837,7 @@ func (f *forwarder) back() {
 	f.retried = false
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if ss.proto.busy() || f.out.after > 0 || f.moveAtIdle != "" {
+	if f.inFlight() || f.out.after > 0 || f.moveAtIdle != "" {
 		return // the client has sent more, or the primary said more: it runs there
 	}
 	f.sentAt = w.writes

@@ -608,6 +608,207 @@ func TestForwardPipelinedWrites(t *testing.T) {
 	backOnReplica(t, c)
 }
 
+// A transaction block whose refused write is answered an error (40001 because an earlier
+// read differs on the primary, or the standby's refusal because a cursor WITH HOLD keeps the
+// session where it is) is told it is in a failed block, and stays in one wherever pgfly left
+// it: its next statement fails with 25P02 until its ROLLBACK, as on PostgreSQL, rather than
+// commit on its own. Its retry then commits once.
+func TestForwardFailedBlockStaysFailed(t *testing.T) {
+	for _, tc := range []struct {
+		name, setup, read, wantCode string
+	}{
+		{"answered 40001", "", "SELECT clock_timestamp()", "40001"},
+		{"answered the refusal", "DECLARE fwd_failed_cursor CURSOR WITH HOLD FOR SELECT 1", "SELECT 1", "25006"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forwardTable(t, "fwd_failed", "id int")
+			r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+			ctx := context.Background()
+			pc := connectURL(t, r.url(pgcluster.RoleSCRAM)).PgConn()
+			exec := func(sql string) error { _, err := pc.Exec(ctx, sql).ReadAll(); return err }
+			for _, sql := range []string{tc.setup, "BEGIN", tc.read} {
+				if sql == "" {
+					continue
+				}
+				if err := exec(sql); err != nil {
+					t.Fatalf("%s: %v", sql, err)
+				}
+			}
+			if err := exec("INSERT INTO fwd_failed VALUES (1)"); sqlstate(err) != tc.wantCode || pc.TxStatus() != 'E' {
+				t.Fatalf("the refused write: %v, status %q; want %s in a failed block", err, pc.TxStatus(), tc.wantCode)
+			}
+			if err := exec("INSERT INTO fwd_failed VALUES (2)"); sqlstate(err) != "25P02" || pc.TxStatus() != 'E' {
+				t.Fatalf("the next write in the failed block: %v, status %q; want 25P02, still failed", err, pc.TxStatus())
+			}
+			if err := exec("ROLLBACK"); err != nil || pc.TxStatus() != 'I' {
+				t.Fatalf("ROLLBACK: %v, status %q", err, pc.TxStatus())
+			}
+			if n := onPrimary(t, "SELECT count(*) FROM fwd_failed"); n != 0 {
+				t.Fatalf("the primary has %d rows of a transaction the client rolled back, want 0", n)
+			}
+			if tc.setup != "" {
+				if err := exec("CLOSE fwd_failed_cursor"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, sql := range []string{"BEGIN", "INSERT INTO fwd_failed VALUES (3)", "COMMIT"} {
+				if err := exec(sql); err != nil {
+					t.Fatalf("the retry: %s: %v", sql, err)
+				}
+			}
+			if n := onPrimary(t, "SELECT count(*) FROM fwd_failed"); n != 1 {
+				t.Fatalf("the primary has %d rows after the retry, want 1", n)
+			}
+		})
+	}
+}
+
+// After a refused write's Sync the client prepares its next statement and waits on a Flush
+// (Parse, Describe, Flush: no Sync): that is in flight too, and its answers reach the client,
+// not pgfly's own reads on the replica. The table the statement names is locked (replayed from
+// the primary) so that the replica answers it late, after the refusal's ReadyForQuery.
+func TestForwardPreparedAfterRefusalIsAnswered(t *testing.T) {
+	forwardTable(t, "fwd_late_lock", "id int")
+	forwardTable(t, "fwd_late_ins", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	tx, err := p.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "LOCK TABLE fwd_late_lock IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	committed := make(chan struct{})
+	go func() {
+		defer close(committed)
+		time.Sleep(500 * time.Millisecond)
+		tx.Commit(ctx)
+	}()
+	defer func() { <-committed }() // before p is closed
+	fe := c.PgConn().Frontend()
+	fe.Send(&pgproto3.Parse{Query: "INSERT INTO fwd_late_ins VALUES (1)"})
+	fe.Send(&pgproto3.Bind{})
+	fe.Send(&pgproto3.Execute{})
+	fe.Send(&pgproto3.Sync{})
+	fe.Send(&pgproto3.Parse{Name: "fwd_late", Query: "SELECT count(*) FROM fwd_late_lock"})
+	fe.Send(&pgproto3.Describe{ObjectType: 'S', Name: "fwd_late"})
+	fe.Send(&pgproto3.Flush{})
+	if err := fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c.PgConn().Conn().SetReadDeadline(time.Now().Add(20 * time.Second))
+	var got []string
+	for len(got) < 7 {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("after %v: %v; want the write's answers, then the statement's ParseComplete, ParameterDescription, RowDescription", got, err)
+		}
+		got = append(got, fmt.Sprintf("%T", m))
+	}
+	if got[4] != "*pgproto3.ParseComplete" || got[5] != "*pgproto3.ParameterDescription" || got[6] != "*pgproto3.RowDescription" {
+		t.Fatalf("answers %v; want the write's four, then ParseComplete, ParameterDescription, RowDescription", got)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_late_ins"); n > 1 {
+		t.Fatalf("the primary has %d rows of the write, want at most 1", n)
+	}
+}
+
+// A move owed at an idle point (a refusal answered 40001 before its Sync) whose exchange with
+// the replica times out (connect_timeout=1; the client's unnamed statement, prepared again
+// there after pgfly's state read, waits on a lock the primary holds) ends the session, as the
+// same failure does in tryMove: otherwise what the replica still owes pgfly would reach the
+// client as the answer to its next request.
+func TestForwardOwedMoveTimeoutEndsTheSession(t *testing.T) {
+	forwardTable(t, "fwd_owed_lock", "id int")
+	forwardTable(t, "fwd_owed_ins", "id int")
+	role := pgcluster.RoleSCRAM
+	r := startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable", "connect_timeout=1"), wire.Config{
+		Primary: cluster.Primary.URL(role.Name, role.Password, pgcluster.Database, "sslmode=disable", "connect_timeout=1")})
+	ctx := context.Background()
+	c := connectURL(t, r.url(role))
+	fe := c.PgConn().Frontend()
+	recv := func(what string, until byte) []string {
+		t.Helper()
+		var got []string
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				m, err := fe.Receive()
+				if err != nil {
+					got = append(got, "error: "+err.Error())
+					return
+				}
+				s := fmt.Sprintf("%T", m)
+				if e, ok := m.(*pgproto3.ErrorResponse); ok {
+					s += " " + e.Code
+				}
+				if d, ok := m.(*pgproto3.DataRow); ok {
+					s += " " + string(d.Values[0])
+				}
+				got = append(got, s)
+				if s[len("*pgproto3."):][0] == until {
+					return
+				}
+			}
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no answer after 10s, got %v", what, got)
+		}
+		t.Logf("%s: %v", what, got)
+		return got
+	}
+	// The client's unnamed statement, which names the table to be locked.
+	fe.Send(&pgproto3.Parse{Query: "SELECT count(*) FROM fwd_owed_lock"})
+	fe.Send(&pgproto3.Sync{})
+	fe.Flush()
+	recv("unnamed parse", 'R')
+	// The primary locks the table; the replica replays the lock.
+	p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	tx, err := p.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "LOCK TABLE fwd_owed_lock IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A write refused before its Sync: 40001 at once, and a move owed at the idle point.
+	fe.Send(&pgproto3.Parse{Name: "ins", Query: "INSERT INTO fwd_owed_ins VALUES (1)"})
+	fe.Send(&pgproto3.Bind{PreparedStatement: "ins"})
+	fe.Send(&pgproto3.Execute{})
+	fe.Send(&pgproto3.Flush{})
+	fe.Flush()
+	recv("write before its Sync", 'E')
+	fe.Send(&pgproto3.Sync{})
+	fe.Flush()
+	recv("its Sync", 'R')
+	time.Sleep(2 * time.Second) // the move's exchange with the replica times out
+	tx.Commit(ctx)              // the replica's backend gets on with pgfly's request
+	time.Sleep(500 * time.Millisecond)
+	fe.Send(&pgproto3.Query{String: "SELECT 42"})
+	fe.Flush()
+	got := recv("SELECT 42", 'R')
+	ended := len(got) > 0 && strings.HasPrefix(got[len(got)-1], "error: ")
+	if !ended && (len(got) != 4 || got[1] != "*pgproto3.DataRow 42") {
+		t.Fatalf("SELECT 42 answered %v, want its own answer (RowDescription, DataRow 42, CommandComplete, ReadyForQuery) or the session ended", got)
+	}
+	if !ended {
+		t.Fatalf("SELECT 42 answered %v; want the session ended, its move's exchange having timed out", got)
+	}
+}
+
 // A pipelined batch whose write follows a read that already returned rows cannot be re-run
 // unseen: 40001, nothing written, and the retry runs on the primary.
 func TestForwardBatchAfterResultsIs40001(t *testing.T) {

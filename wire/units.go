@@ -223,6 +223,13 @@ func cbytes(b []byte) (s, rest []byte, ok bool) {
 	return b[:i], b[i+1:], true
 }
 
+// isOpen reports whether extended-protocol messages were sent since the last Sync.
+func (u *units) isOpen() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.opened
+}
+
 // sealed reports whether a request is queued: the server owes a ReadyForQuery, and so more
 // messages, whatever it has sent so far.
 func (u *units) sealed() bool {
