@@ -364,10 +364,10 @@ func (f *forwarder) idle() error {
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
 	// What the client sent meanwhile runs on the replica, and a move owed waits for it.
-	if f.moveAtIdle != "" && !f.inFlight() {
+	if f.moveAtIdle != "" && !f.inFlight() && f.w.rest == 0 {
 		why := f.moveAtIdle
 		f.moveAtIdle = ""
-		res := f.connect(TxIdle, f.w.unnamed)
+		res := f.connect(TxIdle, f.w.unnamed, nil)
 		if res.err != nil {
 			return res.err
 		}
@@ -461,7 +461,7 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 	ss, w := f.ss, f.w
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if ss.proto.pending.Load() != 1 || ss.proto.unsynced.Load() || ss.proto.units.isOpen() || f.out.after > 0 {
+	if ss.proto.pending.Load() != 1 || ss.proto.unsynced.Load() || ss.proto.units.isOpen() || w.rest > 0 || f.out.after > 0 {
 		// More requests follow it on the replica, where they must run in their order.
 		f.moveAtIdle = "more requests were in flight behind it"
 		return moveResult{outcome: ForwardRetry, reason: f.moveAtIdle}
@@ -487,11 +487,11 @@ func (f *forwarder) tryMove(status TxStatus) moveResult {
 		f.moveAtIdle = why
 		return moveResult{outcome: ForwardRetry, reason: why}
 	}
-	unnamed := w.epochUnnamed // what the re-run begins with
+	unnamed, fresh := w.epochUnnamed, parsedNames(rec) // what the re-run begins with, and prepares
 	if why != "" {
-		unnamed = w.unnamed // what the client's next request may use
+		unnamed, fresh = w.unnamed, nil // what the client's next request may use
 	}
-	res := f.connect(status, unnamed)
+	res := f.connect(status, unnamed, fresh)
 	if res.primary == nil {
 		return f.keepFailed(res, status)
 	}
@@ -571,17 +571,18 @@ func (f *forwarder) keepFailed(res moveResult, status TxStatus) moveResult {
 // connect readies a backend on the primary for the session, whose replica backend has just
 // answered a request with status: it brings the replica's session to idle, reads its state,
 // and opens the primary's backend with that state and unnamed, the client's Parse of the
-// unnamed statement, prepared. The caller holds w.mu.
-func (f *forwarder) connect(status TxStatus, unnamed []byte) moveResult {
+// unnamed statement, prepared, but for the statements named in fresh, which a re-run is about to
+// prepare there. The caller holds w.mu.
+func (f *forwarder) connect(status TxStatus, unnamed []byte, fresh map[string]bool) moveResult {
 	if f.w.unnamedLost {
 		return moveResult{outcome: ForwardRefused, reason: fmt.Sprintf("the session's unnamed prepared statement is larger than "+
 			"the %d bytes pgfly keeps to prepare it on the primary", maxUnnamed)}
 	}
-	return f.open(status, unnamed)
+	return f.open(status, unnamed, fresh)
 }
 
 // open is connect's work.
-func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
+func (f *forwarder) open(status TxStatus, unnamed []byte, fresh map[string]bool) moveResult {
 	ss, srv := f.ss, f.ss.srv
 	refused := func(reason string) moveResult { return moveResult{outcome: ForwardRefused, reason: reason} }
 	rep := ss.upstreamConn()
@@ -606,8 +607,7 @@ func (f *forwarder) open(status TxStatus, unnamed []byte) moveResult {
 	if st.blocker != "" {
 		return refused("the session holds " + st.blocker + ", which cannot move to the primary")
 	}
-	fresh := parsedNames(f.w.rec) // the re-run prepares these
-	if f.pri != nil {             // its primary backend, kept from an earlier move
+	if f.pri != nil { // its primary backend, kept from an earlier move
 		f.unkeep()
 		err := f.idleConn(f.pri.conn)
 		if err == nil {
@@ -849,8 +849,8 @@ func (f *forwarder) goBack() error {
 	ss, w := f.ss, f.w
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.writes != f.sentAt {
-		return nil // the client was quicker: what it sent runs on the primary
+	if w.writes != f.sentAt || w.rest > 0 {
+		return nil // the client was quicker (or is inside a message): what it sent runs on the primary
 	}
 	if w.unnamedLost {
 		return nil // it cannot be prepared on the replica: back at an idle point after it is gone

@@ -809,6 +809,80 @@ func TestForwardOwedMoveTimeoutEndsTheSession(t *testing.T) {
 	}
 }
 
+// A COPY FROM STDIN refused by the replica while its client is inside a CopyData message (it
+// sent the COPY and the first half of the message, the second comes a second later): pgfly's
+// own requests wait for the message's end rather than land inside it, and the session goes
+// on.
+func TestForwardCopyDataInFlight(t *testing.T) {
+	forwardTable(t, "fwd_midcopy", "v text")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pc := connectURL(t, r.url(pgcluster.RoleSCRAM)).PgConn()
+	conn := pc.Conn()
+	query, _ := (&pgproto3.Query{String: "COPY fwd_midcopy FROM STDIN"}).Encode(nil)
+	body := []byte(strings.Repeat("x", 100000) + "\n")
+	data, _ := (&pgproto3.CopyData{Data: body}).Encode(nil)
+	done, _ := (&pgproto3.CopyDone{}).Encode(nil)
+	if _, err := conn.Write(append(query, data[:50000]...)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the replica refuses; pgfly acts on its ReadyForQuery
+	start := time.Now()
+	if _, err := conn.Write(append(data[50000:], done...)); err != nil {
+		t.Fatal(err)
+	}
+	fe := pc.Frontend()
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	var got []string
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("after %v (%v): %v", got, time.Since(start), err)
+		}
+		s := fmt.Sprintf("%T", m)
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			s += " " + e.Severity + " " + e.Code + " " + e.Message
+		}
+		got = append(got, s)
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	if len(got) < 2 || !strings.HasPrefix(got[len(got)-2], "*pgproto3.ErrorResponse ERROR") {
+		t.Fatalf("answers %v, want an ERROR for the COPY, then ReadyForQuery", got)
+	}
+	conn.SetReadDeadline(time.Time{})
+	if _, err := pc.Exec(ctx, "SELECT 1").ReadAll(); err != nil {
+		t.Fatalf("the session after the COPY (%v): %v", time.Since(start), err)
+	}
+}
+
+// A named statement the client prepared in the epoch (pgx's statement cache, inside a block)
+// exists on the backend the session is moved to by a move owed at an idle point.
+func TestForwardCachedStatementAfter40001(t *testing.T) {
+	forwardTable(t, "fwd_cache", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := tx.QueryRow(ctx, "SELECT count(*) FROM fwd_cache WHERE id = $1", 1).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	_, err = tx.Exec(ctx, "SELECT 1; INSERT INTO fwd_cache VALUES (1)")
+	if sqlstate(err) != "40001" {
+		t.Fatalf("a write after results in a block: %v, want 40001", err)
+	}
+	tx.Rollback(ctx)
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM fwd_cache WHERE id = $1", 1).Scan(&n); err != nil {
+		t.Fatalf("the cached statement after the move: %v", err)
+	}
+}
+
 // A pipelined batch whose write follows a read that already returned rows cannot be re-run
 // unseen: 40001, nothing written, and the retry runs on the primary.
 func TestForwardBatchAfterResultsIs40001(t *testing.T) {
