@@ -444,7 +444,7 @@ func (f *forwarder) decide(z []byte) ([]byte, error) {
 // re-run on the primary unseen.
 func retryError(why string) []byte {
 	return errorMessage("ERROR", codeSerializationFailure, "pgfly: this statement needs the primary, and it could not be re-run there "+
-		"without risk ("+why+"): retry the transaction; the session now runs on the primary")
+		"without risk ("+why+"): retry the transaction, which pgfly will run on the primary")
 }
 
 // moveResult is what tryMove or connect did.
