@@ -126,6 +126,8 @@ type forwarder struct {
 	refusal  []byte // the refusal's ErrorResponse
 	late     []byte // what came between it and its ReadyForQuery
 
+	// owed: the session ended with its client owed the ReadyForQuery that a move was to follow.
+	owed bool
 	// moveAtIdle is why a 40001 was answered while more requests were in flight: the session
 	// moves to the primary once they are answered.
 	moveAtIdle string
@@ -369,6 +371,7 @@ func (f *forwarder) idle() error {
 		f.moveAtIdle = ""
 		res := f.connect(TxIdle, f.w.unnamed, nil)
 		if res.err != nil {
+			f.owed = true // the ReadyForQuery it follows is not sent
 			return res.err
 		}
 		if res.primary != nil {
@@ -380,7 +383,7 @@ func (f *forwarder) idle() error {
 		f.report(res.outcome, "after a 40001 ("+why+"): "+res.reason) // the client was answered 40001 for nothing: say why
 	}
 	f.newEpoch()
-	if f.inFlight() { // the client sent more meanwhile, perhaps before the epoch began
+	if f.inFlight() || f.w.rest > 0 { // the client sent more meanwhile, perhaps before the epoch began
 		f.w.recording, f.w.missed = false, f.active
 	}
 	return nil

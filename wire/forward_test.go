@@ -1216,3 +1216,42 @@ func TestForwardDirectWhenTheReplicaCannotAcceptConnections(t *testing.T) {
 		t.Fatalf("forward outcomes %v, want direct", got)
 	}
 }
+
+// An idle session whose replica backend is terminated (FATAL 57P01, held back) is reported
+// only when its client next speaks, on a forwarding relay as on a plain one: nothing of this
+// session has to do with forwarding.
+func TestForwardIdleFailureIsHeldUntilTheClientSpeaks(t *testing.T) {
+	for _, forwarding := range []bool{false, true} {
+		name := map[bool]string{false: "plain", true: "forwarding"}[forwarding]
+		t.Run(name, func(t *testing.T) {
+			var r *relay
+			if forwarding {
+				r = forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+			} else {
+				r = startRelay(t, cluster.Replica.URL("", "", "", "sslmode=disable"), wire.Config{})
+			}
+			ctx := context.Background()
+			cfg, _ := pgx.ParseConfig(r.url(pgcluster.RoleSCRAM))
+			cfg.RuntimeParams["application_name"] = "review-hold-" + name
+			c := connectConfig(t, cfg)
+			if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+				t.Fatal(err)
+			}
+			rep := connectURL(t, cluster.Replica.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+			var n int
+			if err := rep.QueryRow(ctx, "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", cfg.RuntimeParams["application_name"]).Scan(&n); err != nil || n != 1 {
+				t.Fatalf("terminated %d replica backends (%v), want 1", n, err)
+			}
+			waitFor(t, 10*time.Second, "the session to end", func() bool { return r.OpenSessions() == 0 })
+			time.Sleep(500 * time.Millisecond)
+			if f := r.events.Failures(); len(f) != 0 {
+				t.Errorf("the idle session's failure was reported before its client spoke: %+v", f)
+			}
+			var pe *pgconn.PgError
+			if _, err := c.Exec(ctx, "SELECT 1"); !errors.As(err, &pe) || pe.Code != "57P01" {
+				t.Errorf("the next query: %v, want the held FATAL 57P01", err)
+			}
+			waitFor(t, 10*time.Second, "the failure report", func() bool { return len(r.events.Failures()) == 1 })
+		})
+	}
+}

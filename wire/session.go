@@ -363,10 +363,10 @@ const deadSessionHold = time.Minute
 // come yet: its client is held, told nothing, until it sends its next message (up to
 // deadSessionHold, or until pgfly shuts down), and the failure is reported then, when that
 // request is in flight, and only then told. A client that sends Terminate is let go quietly.
-// A forwarding session has no request to report to, and may have been owed an answer that
-// pgfly's own exchange was to precede: its client is told at once.
+// A forwarding session whose client is owed a ReadyForQuery that pgfly's own exchange was to
+// precede (forwarder.owed) is not idle: its client is told at once.
 func (ss *session) report(f UpstreamFailure, tell func(code, msg string)) {
-	if ss.fwd == nil && !ss.proto.busy() && !ss.clientSpoke.Load() {
+	if !(ss.fwd != nil && ss.fwd.owed) && !ss.proto.busy() && !ss.clientSpoke.Load() {
 		switch ss.awaitClient() {
 		case heldLeft:
 			return
