@@ -640,7 +640,7 @@ func (f *forwarder) open(status TxStatus, unnamed []byte, fresh map[string]bool)
 		return refused(err.Error())
 	}
 	f.pri, f.counted = p, true
-	if err := f.carry(p.conn, st, sessionState{}, fresh, unnamed, srv.primaryUp.timeout); err != nil {
+	if err := f.carry(p.conn, st, loginState(ss.info.User), fresh, unnamed, srv.primaryUp.timeout); err != nil {
 		f.dropPrimary()
 		if err == errStopping {
 			return moveResult{err: err}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -31,9 +32,12 @@ type preparedStatement struct {
 	fromSQL   bool   // made by PREPARE rather than a Parse message
 }
 
-// stateQuery reads a session's state: the settings it SET, its prepared statements, and what
-// pgfly cannot carry to another backend.
+// stateQuery reads a session's state: the settings it SET, its role and session user (which
+// pg_settings does not show), its prepared statements, and what pgfly cannot carry to another
+// backend.
 const stateQuery = `SELECT 's', name::text, setting, NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session'
+UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization'), NULL, NULL
+UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), NULL, NULL
 UNION ALL SELECT 'p', name::text, statement, from_sql::text, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements
 UNION ALL SELECT 'b', 'a cursor WITH HOLD', name::text, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
 UNION ALL SELECT 'b', 'an advisory lock', objid::text, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()
@@ -121,19 +125,18 @@ func newSQLError(body []byte) *sqlError {
 
 func (e *sqlError) Error() string { return fmt.Sprintf("%s (SQLSTATE %s)", e.message, e.code) }
 
+// loginState is what stateQuery reads of a backend just logged in as user: no settings, user
+// its session user, and no role set.
+func loginState(user string) sessionState {
+	return sessionState{settings: map[string]string{"session_authorization": user, "role": "none"}}
+}
+
 // settingsTo returns the messages that make a backend whose settings are have take those of
-// want, one request answered with one ReadyForQuery; nil when they are the same.
+// want, one request answered with one ReadyForQuery; nil when they are the same. The session
+// user and then the role come last (setting the first resets the second), so that the other
+// settings are made with the rights of the login.
 func settingsTo(want, have map[string]string) []byte {
 	var msgs []byte
-	for name, v := range want {
-		if hv, ok := have[name]; !ok || hv != v {
-			if msgs == nil {
-				msgs, _ = (&pgproto3.Parse{Name: "", Query: "SELECT pg_catalog.set_config($1, $2, false)"}).Encode(msgs)
-			}
-			msgs, _ = (&pgproto3.Bind{Parameters: [][]byte{[]byte(name), []byte(v)}}).Encode(msgs)
-			msgs, _ = (&pgproto3.Execute{}).Encode(msgs)
-		}
-	}
 	reset := false
 	for name := range have {
 		if _, ok := want[name]; !ok {
@@ -144,6 +147,26 @@ func settingsTo(want, have map[string]string) []byte {
 			msgs, _ = (&pgproto3.Bind{Parameters: [][]byte{[]byte(name)}}).Encode(msgs)
 			msgs, _ = (&pgproto3.Execute{}).Encode(msgs)
 		}
+	}
+	names := make([]string, 0, len(want))
+	for name := range want {
+		if name != "session_authorization" && name != "role" {
+			names = append(names, name)
+		}
+	}
+	sort.Strings(names)
+	parsed := false
+	for _, name := range append(names, "session_authorization", "role") {
+		v, ok := want[name]
+		if hv, had := have[name]; !ok || had && hv == v {
+			continue
+		}
+		if !parsed {
+			msgs, _ = (&pgproto3.Parse{Name: "", Query: "SELECT pg_catalog.set_config($1, $2, false)"}).Encode(msgs)
+			parsed = true
+		}
+		msgs, _ = (&pgproto3.Bind{Parameters: [][]byte{[]byte(name), []byte(v)}}).Encode(msgs)
+		msgs, _ = (&pgproto3.Execute{}).Encode(msgs)
 	}
 	if msgs != nil {
 		msgs, _ = (&pgproto3.Sync{}).Encode(msgs)

@@ -1255,3 +1255,88 @@ func TestForwardIdleFailureIsHeldUntilTheClientSpeaks(t *testing.T) {
 		})
 	}
 }
+
+// A session that SET ROLE on the replica, then writes: the write is refused there and re-sent
+// to the primary, where it runs as the role the client set, as it would on a primary (role and
+// session_authorization are not in pg_settings, and were once not carried: the write ran with
+// the login's rights).
+func TestForwardSetRoleIsCarried(t *testing.T) {
+	ctx := context.Background()
+	admin := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	for _, sql := range []string{
+		"DROP TABLE IF EXISTS fwd_role", "DROP ROLE IF EXISTS fwd_tenant",
+		"CREATE ROLE fwd_tenant NOLOGIN", "GRANT fwd_tenant TO " + pgcluster.RoleSCRAM.Name,
+		// the login role may write; the role the client switches to may not
+		"CREATE TABLE fwd_role (who text)", "GRANT ALL ON fwd_role TO " + pgcluster.RoleSCRAM.Name,
+		"GRANT SELECT ON fwd_role TO fwd_tenant",
+	} {
+		if _, err := admin.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	t.Cleanup(func() {
+		a := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+		a.Exec(context.Background(), "DROP TABLE IF EXISTS fwd_role")
+		a.Exec(context.Background(), "DROP ROLE IF EXISTS fwd_tenant")
+	})
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// What PostgreSQL itself answers, on the primary.
+	direct := connectURL(t, cluster.Primary.URL(pgcluster.RoleSCRAM.Name, pgcluster.RoleSCRAM.Password, pgcluster.Database))
+	direct.Exec(ctx, "SET ROLE fwd_tenant")
+	if _, err := direct.Exec(ctx, "INSERT INTO fwd_role VALUES (current_user)"); sqlstate(err) != "42501" {
+		t.Fatalf("on the primary directly, as fwd_tenant: %v, want 42501 (the test's setup is wrong)", err)
+	}
+
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(ctx, "SET ROLE fwd_tenant"); err != nil {
+		t.Fatal(err)
+	}
+	var who string
+	if err := c.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "fwd_tenant" {
+		t.Fatalf("current_user on the replica: %q, %v", who, err)
+	}
+	pauseReplay(t) // the session stays on the primary after the move
+	_, err := c.Exec(ctx, "INSERT INTO fwd_role VALUES (current_user)")
+	if err := c.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil {
+		t.Fatal(err)
+	}
+	n := onPrimary(t, "SELECT count(*) FROM fwd_role")
+	if who != "fwd_tenant" || n != 0 || sqlstate(err) != "42501" {
+		t.Fatalf("the client SET ROLE fwd_tenant, which may not INSERT: after the move current_user is %q, the INSERT answered %v, "+
+			"and the primary has %d rows; want fwd_tenant, 42501, 0", who, err, n)
+	}
+}
+
+// The other way: a session that SET ROLE on the primary after a move goes back to the replica
+// with that role, not as its login.
+func TestForwardSetRoleGoesBack(t *testing.T) {
+	ctx := context.Background()
+	admin := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	for _, sql := range []string{"DROP ROLE IF EXISTS fwd_tenant2", "CREATE ROLE fwd_tenant2 NOLOGIN", "GRANT fwd_tenant2 TO " + pgcluster.RoleSCRAM.Name} {
+		if _, err := admin.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	t.Cleanup(func() {
+		connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database)).Exec(context.Background(), "DROP ROLE IF EXISTS fwd_tenant2")
+	})
+	forwardTable(t, "fwd_role2", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	resume := pauseReplay(t)
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_role2 VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "SET ROLE fwd_tenant2"); err != nil {
+		t.Fatal(err)
+	}
+	resume()
+	backOnReplica(t, c)
+	var who string
+	if err := c.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "fwd_tenant2" {
+		t.Fatalf("back on the replica after SET ROLE fwd_tenant2 on the primary: current_user %q, %v; want fwd_tenant2", who, err)
+	}
+}
