@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash"
 	"net"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -159,7 +160,13 @@ type upstreamWriter struct {
 	collecting   bool   // the message being written is such a Parse
 	rest         int    // bytes of a message begun in an earlier Write still to come
 	parseHead    []byte // a Parse's header written alone: its name, in the next Write, tells which it is
+	// custom: the client may have set a custom setting (app.tenant), with SET or set_config,
+	// which pg_settings does not show and a move would not carry.
+	custom bool
 }
+
+// setsCustom matches SQL that may set a custom setting: SET of a name with a dot, or set_config.
+var setsCustom = regexp.MustCompile(`(?i)\bset_config\b|\bset\s+(?:session\s+|local\s+)?"?[a-z_][a-z0-9_$]*"?\s*\.`)
 
 func (w *upstreamWriter) Write(b []byte) (int, error) {
 	w.mu.Lock()
@@ -196,7 +203,11 @@ func (w *upstreamWriter) track(b []byte) {
 				return
 			}
 			w.rest, w.collecting = 1+int(binary.BigEndian.Uint32(b[1:])), false
-			switch body := b[headerLen:]; b[0] {
+			body := b[headerLen:]
+			if (b[0] == 'Q' || b[0] == 'P') && !w.custom {
+				w.custom = setsCustom.Match(body[:min(len(body), w.rest-headerLen)])
+			}
+			switch b[0] {
 			case 'Q': // a simple Query runs in the unnamed statement
 				w.unnamed, w.unnamedLost = w.unnamed[:0], false
 			case 'P':
@@ -581,6 +592,9 @@ func (f *forwarder) connect(status TxStatus, unnamed []byte, fresh map[string]bo
 		return moveResult{outcome: ForwardRefused, reason: fmt.Sprintf("the session's unnamed prepared statement is larger than "+
 			"the %d bytes pgfly keeps to prepare it on the primary", maxUnnamed)}
 	}
+	if f.w.custom {
+		return moveResult{outcome: ForwardRefused, reason: "the session may have set a custom setting (SET of a dotted name, or set_config), which pgfly cannot carry"}
+	}
 	return f.open(status, unnamed, fresh)
 }
 
@@ -857,6 +871,10 @@ func (f *forwarder) goBack() error {
 	}
 	if w.unnamedLost {
 		return nil // it cannot be prepared on the replica: back at an idle point after it is gone
+	}
+	if w.custom {
+		f.stay("the session may have set a custom setting, which pgfly cannot carry")
+		return nil
 	}
 	start := time.Now()
 	// The primary's session stays as the client left it too, in case the session stays there.

@@ -29,7 +29,6 @@ type sessionState struct {
 type preparedStatement struct {
 	statement string
 	types     string // parameter type OIDs, comma-separated
-	fromSQL   bool   // made by PREPARE rather than a Parse message
 }
 
 // stateQuery reads a session's state: the settings it SET, its role and session user (which
@@ -38,7 +37,8 @@ type preparedStatement struct {
 const stateQuery = `SELECT 's', name::text, setting, NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session'
 UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization'), NULL, NULL
 UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), NULL, NULL
-UNION ALL SELECT 'p', name::text, statement, from_sql::text, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements
+UNION ALL SELECT 'p', name::text, statement, from_sql::text, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql
+UNION ALL SELECT 'b', 'a statement made by SQL PREPARE', name::text, NULL, NULL FROM pg_catalog.pg_prepared_statements WHERE from_sql
 UNION ALL SELECT 'b', 'a cursor WITH HOLD', name::text, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
 UNION ALL SELECT 'b', 'an advisory lock', objid::text, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()
 UNION ALL SELECT 'b', 'a temporary table', relname::text, NULL, NULL FROM pg_catalog.pg_class WHERE relpersistence = 't' AND relnamespace = pg_catalog.pg_my_temp_schema()
@@ -70,7 +70,7 @@ func (st *sessionState) row(body []byte) error {
 		if st.prepared == nil {
 			st.prepared = map[string]preparedStatement{}
 		}
-		st.prepared[cols[1]] = preparedStatement{statement: cols[2], fromSQL: cols[3] == "true", types: cols[4]}
+		st.prepared[cols[1]] = preparedStatement{statement: cols[2], types: cols[4]}
 	case "b":
 		if st.blocker == "" {
 			st.blocker = cols[1] + " (" + cols[2] + ")"
@@ -156,11 +156,13 @@ func settingsTo(want, have map[string]string) []byte {
 	}
 	sort.Strings(names)
 	parsed := false
+	authorized := false // setting the session user resets the role, which must be set again
 	for _, name := range append(names, "session_authorization", "role") {
 		v, ok := want[name]
-		if hv, had := have[name]; !ok || had && hv == v {
+		if hv, had := have[name]; !ok || had && hv == v && !(name == "role" && authorized) {
 			continue
 		}
+		authorized = authorized || name == "session_authorization"
 		if !parsed {
 			msgs, _ = (&pgproto3.Parse{Name: "", Query: "SELECT pg_catalog.set_config($1, $2, false)"}).Encode(msgs)
 			parsed = true
@@ -176,33 +178,18 @@ func settingsTo(want, have map[string]string) []byte {
 
 // statementsTo returns the messages that make a backend whose prepared statements are have
 // hold those of want, but for the names in fresh, which it must not hold at all (the requests
-// about to be sent there prepare them); and how many ReadyForQuery messages answer them.
+// about to be sent there prepare them); and how many ReadyForQuery messages answer them. Only
+// statements made by a Parse message are carried: one made by SQL PREPARE keeps the session
+// where it is (stateQuery's blocker), as its text is the whole Query it came in.
 func statementsTo(want, have map[string]preparedStatement, fresh map[string]bool) (msgs []byte, zs int) {
-	var sync bool
-	var queries []byte
 	for name, hs := range have {
 		if ws, ok := want[name]; ok && ws == hs && !fresh[name] {
 			continue
 		}
-		if hs.fromSQL {
-			queries = append(queries, queryMessage("DEALLOCATE "+quoteIdent(name))...)
-			zs++
-		} else {
-			msgs, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(msgs)
-			sync = true
-		}
+		msgs, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(msgs)
 	}
-	sent := map[string]bool{} // one PREPARE may have made several statements
 	for name, ws := range want {
 		if hs, ok := have[name]; ok && hs == ws || fresh[name] {
-			continue
-		}
-		if ws.fromSQL {
-			if !sent[ws.statement] {
-				sent[ws.statement] = true
-				queries = append(queries, queryMessage(ws.statement)...)
-				zs++
-			}
 			continue
 		}
 		var oids []uint32
@@ -212,17 +199,13 @@ func statementsTo(want, have map[string]preparedStatement, fresh map[string]bool
 			}
 		}
 		msgs, _ = (&pgproto3.Parse{Name: name, Query: ws.statement, ParameterOIDs: oids}).Encode(msgs)
-		sync = true
 	}
-	if sync {
-		msgs, _ = (&pgproto3.Sync{}).Encode(msgs)
-		zs++
+	if msgs == nil {
+		return nil, 0
 	}
-	return append(msgs, queries...), zs
+	msgs, _ = (&pgproto3.Sync{}).Encode(msgs)
+	return msgs, 1
 }
-
-// quoteIdent quotes a name as an SQL identifier.
-func quoteIdent(name string) string { return `"` + strings.ReplaceAll(name, `"`, `""`) + `"` }
 
 // dataRow reads the n text columns of a DataRow body; NULL is "".
 func dataRow(body []byte, n int) ([]string, error) {

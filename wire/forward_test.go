@@ -1340,3 +1340,98 @@ func TestForwardSetRoleGoesBack(t *testing.T) {
 		t.Fatalf("back on the replica after SET ROLE fwd_tenant2 on the primary: current_user %q, %v; want fwd_tenant2", who, err)
 	}
 }
+
+// A statement made by SQL PREPARE is not carried: pg_prepared_statements shows the whole Query
+// it came in, writes included, which pgfly would run again. It keeps the session where it is
+// (the client gets the refusal) until it is deallocated; nothing is written twice.
+func TestForwardSQLPrepareIsNotCarried(t *testing.T) {
+	ctx := context.Background()
+	forwardTable(t, "fwd_sqlprep", "id int")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	pauseReplay(t)
+	_, err := c.PgConn().Exec(ctx, "PREPARE fwd_p AS SELECT 1; INSERT INTO fwd_sqlprep VALUES (1)").ReadAll()
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_sqlprep WHERE id = 1"); err == nil && n != 1 || err != nil && n != 0 {
+		t.Fatalf("a Query that PREPAREs and INSERTs: the client got %v, and the primary has %d rows of it", err, n)
+	}
+	_, err = c.Exec(ctx, "INSERT INTO fwd_sqlprep VALUES (2)")
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_sqlprep WHERE id = 1"); n > 1 || sqlstate(err) != "25006" {
+		t.Fatalf("the next write, with fwd_p prepared: %v (want the refusal), and %d rows of the first INSERT on the primary", err, n)
+	}
+	if _, err := c.Exec(ctx, "DEALLOCATE fwd_p"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "INSERT INTO fwd_sqlprep VALUES (3)"); err != nil {
+		t.Fatalf("a write once fwd_p is gone: %v", err)
+	}
+	if n := onPrimary(t, "SELECT count(*) FROM fwd_sqlprep WHERE id = 1"); n > 1 {
+		t.Fatalf("the primary has %d rows of the first INSERT", n)
+	}
+}
+
+// A custom setting (SET app.tenant) is not in pg_settings, so pgfly cannot carry it: a session
+// that may have set one is not moved (the client gets the refusal), rather than have its write
+// run on the primary without it.
+func TestForwardCustomSettingIsNotLost(t *testing.T) {
+	ctx := context.Background()
+	forwardTable(t, "fwd_guc", "tenant text")
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	if _, err := c.Exec(ctx, "SET app.tenant = 'acme'"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Exec(ctx, "INSERT INTO fwd_guc VALUES (current_setting('app.tenant', true))")
+	acme, all := onPrimary(t, "SELECT count(*) FROM fwd_guc WHERE tenant = 'acme'"), onPrimary(t, "SELECT count(*) FROM fwd_guc")
+	if err == nil && (acme != 1 || all != 1) || err != nil && (sqlstate(err) != "25006" || all != 0) {
+		t.Fatalf("after SET app.tenant = 'acme' the write answered %v, and the primary has %d rows, %d of tenant acme", err, all, acme)
+	}
+}
+
+// SET SESSION AUTHORIZATION resets the role: a move sets the role again after it, even when the
+// kept backend's role was the same (it had been skipped, and the write ran as the session user).
+func TestForwardSessionAuthorizationThenSameRole(t *testing.T) {
+	ctx := context.Background()
+	admin := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	for _, sql := range []string{
+		"DROP TABLE IF EXISTS fwd_rv_sa", "DROP ROLE IF EXISTS fwd_rv_alice", "DROP ROLE IF EXISTS fwd_rv_bob", "DROP ROLE IF EXISTS fwd_rv_carol",
+		"CREATE ROLE fwd_rv_alice NOLOGIN", "CREATE ROLE fwd_rv_bob NOLOGIN", "CREATE ROLE fwd_rv_carol NOLOGIN",
+		"GRANT fwd_rv_alice TO fwd_rv_bob", "GRANT fwd_rv_alice TO fwd_rv_carol",
+		"CREATE TABLE fwd_rv_sa (who text)", "GRANT ALL ON fwd_rv_sa TO fwd_rv_alice",
+	} {
+		if _, err := admin.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	t.Cleanup(func() {
+		a := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+		for _, sql := range []string{"DROP TABLE IF EXISTS fwd_rv_sa", "DROP ROLE IF EXISTS fwd_rv_alice", "DROP ROLE IF EXISTS fwd_rv_bob", "DROP ROLE IF EXISTS fwd_rv_carol"} {
+			a.Exec(context.Background(), sql)
+		}
+	})
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := forwardingRelay(t, pgcluster.RoleSuperuser, wire.Config{})
+	c := connectURL(t, r.url(pgcluster.RoleSuperuser))
+	exec := func(sql string) {
+		t.Helper()
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	exec("SET SESSION AUTHORIZATION fwd_rv_bob")
+	exec("SET ROLE fwd_rv_alice")
+	resume := pauseReplay(t)
+	exec("INSERT INTO fwd_rv_sa VALUES ('first:' || current_user)") // moves; the primary backend is bob/alice
+	resume()
+	backOnReplica(t, c) // the primary backend is kept, holding session_authorization bob, role alice
+	exec("SET SESSION AUTHORIZATION fwd_rv_carol")
+	exec("SET ROLE fwd_rv_alice")
+	pauseReplay(t)
+	_, err := c.Exec(ctx, "INSERT INTO fwd_rv_sa VALUES (current_user)")
+	var who, sess string
+	c.QueryRow(ctx, "SELECT current_user, session_user").Scan(&who, &sess)
+	if err != nil || who != "fwd_rv_alice" {
+		t.Fatalf("the client's role is fwd_rv_alice (session user fwd_rv_carol): after the move current_user is %q, session_user %q, the INSERT answered %v; want fwd_rv_alice and no error", who, sess, err)
+	}
+}
