@@ -165,8 +165,10 @@ type upstreamWriter struct {
 	custom bool
 }
 
-// setsCustom matches SQL that may set a custom setting: SET of a name with a dot, or set_config.
-var setsCustom = regexp.MustCompile(`(?i)\bset_config\b|\bset\s+(?:session\s+|local\s+)?"?[a-z_][a-z0-9_$]*"?\s*\.`)
+// setsCustom matches SQL that may set a custom setting: SET of a name with a dot (comments
+// and quoted or non-ASCII names allowed), or set_config. A function that calls set_config, or
+// such a SET past the first read of a message larger than the pump's buffer, is not seen.
+var setsCustom = regexp.MustCompile(`(?is)\bset_config\b|\bset(?:\s|/\*.*?\*/)+(?:(?:session|local)(?:\s|/\*.*?\*/)+)?(?:"[^"]*"|[^\s.=;"/]+)\s*\.`)
 
 func (w *upstreamWriter) Write(b []byte) (int, error) {
 	w.mu.Lock()

@@ -83,3 +83,29 @@ func TestUnnamedStatementTracking(t *testing.T) {
 		})
 	}
 }
+
+// setsCustom finds the ways SQL sets a custom setting that pgfly can see, and leaves settings
+// that pg_settings shows alone.
+func TestSetsCustom(t *testing.T) {
+	for sql, want := range map[string]bool{
+		"SET app.tenant = 'acme'":                        true,
+		"set session app.tenant to 'acme'":               true,
+		"SET LOCAL app.tenant = 'acme'":                  true,
+		`SET "app"."tenant" = 'acme'`:                    true,
+		"SET app . tenant = 'acme'":                      true,
+		"SET/**/app.tenant = 'acme'":                     true,
+		"SET /* why */ SESSION app.tenant = 'acme'":      true,
+		`SET "ténant".x = 'acme'`:                        true,
+		"SET ténant.x = 'acme'":                          true,
+		"SELECT set_config('app.tenant', 'acme', false)": true,
+		"SET search_path = app, public":                  false,
+		"SET application_name = 'x.y'":                   false,
+		"SET TIME ZONE 'UTC'":                            false,
+		"UPDATE t SET n = 1 WHERE id = 2":                false,
+		"SELECT 'settle.x'":                              false,
+	} {
+		if got := setsCustom.MatchString(sql); got != want {
+			t.Errorf("%q: %v, want %v", sql, got, want)
+		}
+	}
+}

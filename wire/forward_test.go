@@ -1435,3 +1435,20 @@ func TestForwardSessionAuthorizationThenSameRole(t *testing.T) {
 		t.Fatalf("the client's role is fwd_rv_alice (session user fwd_rv_carol): after the move current_user is %q, session_user %q, the INSERT answered %v; want fwd_rv_alice and no error", who, sess, err)
 	}
 }
+
+// A row larger than the relay's buffer, first of its answer: what the forwarder held back (the
+// RowDescription) goes out before it, and the row is still relayed whole, in both protocols.
+func TestForwardLargeRow(t *testing.T) {
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	ctx := context.Background()
+	c := connectURL(t, r.url(pgcluster.RoleSCRAM))
+	want := strings.Repeat("x", 9000)
+	res, err := c.PgConn().Exec(ctx, "SELECT repeat('x', 9000)").ReadAll()
+	if err != nil || len(res) != 1 || len(res[0].Rows) != 1 || string(res[0].Rows[0][0]) != want {
+		t.Fatalf("a 9000-byte row, simple protocol: %v", err)
+	}
+	var got string
+	if err := c.QueryRow(ctx, "SELECT repeat($1, 9000)", "x").Scan(&got); err != nil || got != want {
+		t.Fatalf("a 9000-byte row, extended protocol: %d bytes, %v", len(got), err)
+	}
+}

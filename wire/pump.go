@@ -180,6 +180,7 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 		}
 		return p.write(msg)
 	}
+	read := len(head) // of the message: what inspect gives back may have more before it
 	if p.watch[typ] {
 		repl, err := p.inspect(typ, head, false)
 		if err != nil {
@@ -198,7 +199,7 @@ func (p *pump) large(typ byte, pos, w, size int) error {
 	// io.CopyBuffer would need a LimitedReader and a writer wrapper, two allocations.
 	buf := getLargeBuffer()
 	defer putLargeBuffer(buf)
-	for rest := size - len(head); rest > 0; {
+	for rest := size - read; rest > 0; {
 		nr, err := p.src.Read(buf[:min(rest, len(buf))])
 		if nr > 0 {
 			if p.tap != nil {
