@@ -278,6 +278,13 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 		if typ == 'Z' {
 			return f.decide(msg)
 		}
+		if !whole { // a notice too large to hold, which streams through: the refusal goes first, as it is
+			f.refusing, f.answered = false, true
+			f.report(ForwardRefused, "a notice too large to hold came between the refusal and its ReadyForQuery")
+			f.held = append(append(f.held, f.refusal...), f.late...)
+			f.late = f.late[:0]
+			return f.deliver(typ, msg, whole)
+		}
 		f.late = append(f.late, msg...) // after an error the server sends only notices until Sync
 		return suppressed, nil
 	}
@@ -288,9 +295,12 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 				return nil, err
 			}
 		}
-		if len(f.held) > 0 {
+		if len(f.held) > 0 && whole {
 			f.held = append(f.held, msg...)
 			return suppressed, nil
+		}
+		if len(f.held) > 0 { // too large to hold, it streams through: what is held goes first
+			return f.deliver(typ, msg, whole)
 		}
 		f.hash.Write(msg)
 		return nil, nil

@@ -1452,3 +1452,33 @@ func TestForwardLargeRow(t *testing.T) {
 		t.Fatalf("a 9000-byte row, extended protocol: %d bytes, %v", len(got), err)
 	}
 }
+
+// A notice larger than the relay's buffer, sent while the forwarder holds a request's metadata
+// back (BindComplete, RowDescription): it streams through after what is held, and the answer
+// is whole, in both protocols.
+func TestForwardLargeNotice(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	p := connectURL(t, cluster.Primary.URL(pgcluster.RoleSuperuser.Name, "", pgcluster.Database))
+	if _, err := p.Exec(ctx, `CREATE OR REPLACE FUNCTION fwd_noisy(n int) RETURNS int LANGUAGE plpgsql AS $$ BEGIN RAISE NOTICE '%', repeat('x', n); RETURN n; END $$`); err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.WaitReplayed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := forwardingRelay(t, pgcluster.RoleSCRAM, wire.Config{})
+	var notices []int
+	cfg, _ := pgx.ParseConfig(r.url(pgcluster.RoleSCRAM))
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { notices = append(notices, len(n.Message)) }
+	c := connectConfig(t, cfg)
+	var got int
+	if err := c.QueryRow(ctx, "SELECT fwd_noisy($1)", 20000).Scan(&got); err != nil || got != 20000 {
+		t.Fatalf("extended protocol: %d, %v", got, err)
+	}
+	if res, err := c.PgConn().Exec(ctx, "SELECT fwd_noisy(20000)").ReadAll(); err != nil || len(res) != 1 || string(res[0].Rows[0][0]) != "20000" {
+		t.Fatalf("simple protocol: %v", err)
+	}
+	if len(notices) != 2 || notices[0] != 20000 || notices[1] != 20000 {
+		t.Fatalf("notices of %v bytes, want two of 20000", notices)
+	}
+}
