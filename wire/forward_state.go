@@ -88,10 +88,7 @@ func (st *sessionState) row(body []byte) error {
 func (f *forwarder) readState(c net.Conn, timeout time.Duration, query string, other func(msg []byte) error, unnamed []byte) (sessionState, error) {
 	var st sessionState
 	var failed error
-	msgs, zs := queryMessage(query), 1
-	if len(unnamed) > 0 {
-		msgs, zs = append(append(msgs, unnamed...), syncMessage...), 2
-	}
+	msgs, zs := withUnnamed(queryMessage(query), 1, unnamed)
 	answered := 0
 	_, err := f.exchange(c, msgs, zs, timeout, func(msg []byte) error {
 		switch {
@@ -311,6 +308,15 @@ func readMessage(r io.Reader, buf *[]byte, max int) ([]byte, error) {
 
 // syncMessage is a Sync.
 var syncMessage = []byte{'S', 0, 0, 0, 4}
+
+// withUnnamed appends to msgs, which zs ReadyForQuery messages answer, unnamed (the client's
+// Parse of the unnamed statement) and a Sync, when unnamed is not empty.
+func withUnnamed(msgs []byte, zs int, unnamed []byte) ([]byte, int) {
+	if len(unnamed) == 0 {
+		return msgs, zs
+	}
+	return append(append(msgs, unnamed...), syncMessage...), zs + 1
+}
 
 // ignoreErrors is an exchange's each that lets the server's errors pass: they are not the
 // exchange's to report.
