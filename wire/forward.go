@@ -94,11 +94,10 @@ type forwarder struct {
 	out *pump           // the upstream-to-client pump
 	w   *upstreamWriter // the client-to-upstream pump's destination
 
-	ready   bool // the login is over
-	active  bool // this epoch is followed: the upstream is a hot standby
-	moved   bool // the session is on the primary now
-	pinned  bool // and stays there: it holds what cannot move back, or has no replica backend
-	counted bool // it has a primary backend, counted under MaxForwarded
+	ready  bool // the login is over
+	active bool // this epoch is followed: the upstream is a hot standby
+	moved  bool // the session is on the primary now
+	pinned bool // and stays there: it holds what cannot move back, or has no replica backend
 
 	pri  *primaryConn // the session's primary backend, once it has one
 	rep  net.Conn     // its replica backend, kept idle while it is on the primary
@@ -163,12 +162,13 @@ type upstreamWriter struct {
 	// custom: the client may have set a custom setting (app.tenant), with SET or set_config,
 	// which pg_settings does not show and a move would not carry.
 	custom bool
+	pinned bool // the session never moves again: nothing of the above is needed
 }
 
 // setsCustom matches SQL that may set a custom setting: SET of a name with a dot (comments
 // and quoted or non-ASCII names allowed), or set_config. A function that calls set_config, or
 // such a SET past the first read of a message larger than the pump's buffer, is not seen.
-var setsCustom = regexp.MustCompile(`(?is)\bset_config\b|\bset(?:\s|/\*.*?\*/)+(?:(?:session|local)(?:\s|/\*.*?\*/)+)?(?:"[^"]*"|[^\s.=;"/]+)\s*\.`)
+var setsCustom = regexp.MustCompile(`(?is)\bset_config\b|\bset(?:\s|/\*.*?\*/|--[^\n]*\n)+(?:(?:session|local)(?:\s|/\*.*?\*/|--[^\n]*\n)+)?(?:"[^"]*\.[^"]*"|(?:"[^"]*"|[^\s.=;"/-]+)\s*\.)`)
 
 // mentionsSet tells whether b holds "set" in any case, which every match of setsCustom does: a
 // scan of a few nanoseconds a byte spares most requests the regular expression.
@@ -185,7 +185,9 @@ func (w *upstreamWriter) Write(b []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.writes++
-	w.track(b)
+	if !w.pinned {
+		w.track(b)
+	}
 	if w.recording {
 		if len(w.rec)+len(b) > maxRecorded {
 			w.recording, w.rec = false, w.rec[:0]
@@ -336,12 +338,10 @@ func (f *forwarder) inspect(typ byte, msg []byte, whole bool) ([]byte, error) {
 			ss.proto.server(typ, msg[headerLen:])
 			return f.deliver(typ, retryError(f.moveAtIdle), true)
 		}
-		{
-			f.refusing = true
-			f.refusal = append(f.refusal[:0], msg...)
-			ss.proto.server(typ, msg[headerLen:]) // its bookkeeping; the observer is not told
-			return suppressed, nil
-		}
+		f.refusing = true
+		f.refusal = append(f.refusal[:0], msg...)
+		ss.proto.server(typ, msg[headerLen:]) // its bookkeeping; the observer is not told
+		return suppressed, nil
 	}
 	return f.deliver(typ, msg, whole)
 }
@@ -659,11 +659,8 @@ func (f *forwarder) open(status TxStatus, unnamed []byte, fresh map[string]bool)
 		srv.log.Info("the session's primary backend failed: opening another", zap.Uint64("session", ss.info.ID), zap.Error(err))
 		f.dropPrimary()
 	}
-	if max := srv.cfg.MaxForwarded; max > 0 && srv.forwarded.Add(1) > int64(max) && !srv.reclaim(f, ss.info.ID) {
-		srv.forwarded.Add(-1)
-		return moveResult{outcome: ForwardLimit, reason: fmt.Sprintf("%d sessions are on the primary (--max-forwarded-sessions)", max)}
-	} else if max <= 0 {
-		srv.forwarded.Add(1)
+	if !srv.takePlace(f, ss.info.ID) {
+		return moveResult{outcome: ForwardLimit, reason: fmt.Sprintf("%d sessions are on the primary (--max-forwarded-sessions)", srv.cfg.MaxForwarded)}
 	}
 	p, err := srv.dialPrimary(ss)
 	if err != nil {
@@ -674,7 +671,7 @@ func (f *forwarder) open(status TxStatus, unnamed []byte, fresh map[string]bool)
 		}
 		return refused(err.Error())
 	}
-	f.pri, f.counted = p, true
+	f.pri = p // counted under MaxForwarded while it is held
 	if err := f.carry(p.conn, st, loginState(ss.info.User), fresh, unnamed, srv.primaryUp.timeout); err != nil {
 		f.dropPrimary()
 		if err == errStopping {
@@ -744,7 +741,7 @@ func (f *forwarder) dropPrimary() {
 	f.unkeep()
 	if f.pri != nil {
 		f.pri.close(f.ss)
-		f.pri, f.counted = nil, false
+		f.pri = nil
 	}
 }
 
@@ -759,9 +756,9 @@ func (f *forwarder) end() {
 	} else if !f.moved && f.pri != nil {
 		f.pri.conn.Close()
 	}
-	if f.counted {
+	if f.pri != nil {
 		f.ss.srv.forwarded.Add(-1)
-		f.pri, f.counted = nil, false
+		f.pri = nil
 	}
 }
 
@@ -783,6 +780,19 @@ func (f *forwarder) unkeep() {
 	srv.keptMu.Lock()
 	delete(srv.kept, f)
 	srv.keptMu.Unlock()
+}
+
+// takePlace counts one more session holding a primary backend, for session id (whose
+// forwarder is self, or nil), within MaxForwarded: at the bound it takes the place of an idle
+// one (reclaim). It tells whether there was a place; the caller gives it up with forwarded.Add(-1).
+func (s *Server) takePlace(self *forwarder, id uint64) bool {
+	if max := s.cfg.MaxForwarded; max > 0 && s.forwarded.Add(1) > int64(max) && !s.reclaim(self, id) {
+		s.forwarded.Add(-1)
+		return false
+	} else if max <= 0 {
+		s.forwarded.Add(1)
+	}
+	return true
 }
 
 // reclaim closes the idle primary backend that another session has kept the longest, making
@@ -838,7 +848,7 @@ func (f *forwarder) direct(why string) error {
 	ss.login.retarget(up)
 	f.w.c, f.w.recording = up, false
 	f.out.src, f.out.watch, f.out.tap = up, &ss.srv.watchOut, nil
-	f.moved, f.pinned = true, true
+	f.moved, f.pinned, f.w.pinned = true, true, true
 	return nil
 }
 
@@ -959,7 +969,7 @@ func (f *forwarder) pass(msg []byte) error {
 
 // stay keeps a moved session on the primary for the rest of its life, for why.
 func (f *forwarder) stay(why string) {
-	f.pinned = true
+	f.pinned, f.w.pinned = true, true
 	f.ss.srv.log.Info("session stays on the primary", zap.Uint64("session", f.ss.info.ID), zap.String("user", f.ss.info.User), zap.String("reason", why))
 }
 

@@ -37,7 +37,7 @@ type preparedStatement struct {
 const stateQuery = `SELECT 's', name::text, setting, NULL, NULL FROM pg_catalog.pg_settings WHERE source = 'session'
 UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization'), NULL, NULL
 UNION ALL SELECT 's', 'role', pg_catalog.current_setting('role'), NULL, NULL
-UNION ALL SELECT 'p', name::text, statement, from_sql::text, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql
+UNION ALL SELECT 'p', name::text, statement, NULL, pg_catalog.array_to_string(parameter_types::oid[], ',') FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql
 UNION ALL SELECT 'b', 'a statement made by SQL PREPARE', name::text, NULL, NULL FROM pg_catalog.pg_prepared_statements WHERE from_sql
 UNION ALL SELECT 'b', 'a cursor WITH HOLD', name::text, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable
 UNION ALL SELECT 'b', 'an advisory lock', objid::text, NULL, NULL FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()

@@ -501,11 +501,8 @@ func (ss *session) setDeadline(set func(time.Time) error, t time.Time) bool {
 // from its start: its client logs in there itself.
 func (ss *session) dialDirect(err error) (net.Conn, error) {
 	s := ss.srv
-	if max := s.cfg.MaxForwarded; max > 0 && s.forwarded.Add(1) > int64(max) && !s.reclaim(ss.fwd, ss.info.ID) {
-		s.forwarded.Add(-1)
-		return nil, fmt.Errorf("%w; and %d sessions are on the primary already (--max-forwarded-sessions)", err, max)
-	} else if max <= 0 {
-		s.forwarded.Add(1)
+	if !s.takePlace(ss.fwd, ss.info.ID) {
+		return nil, fmt.Errorf("%w; and %d sessions are on the primary already (--max-forwarded-sessions)", err, s.cfg.MaxForwarded)
 	}
 	up, perr := s.primaryUp.dial(context.Background())
 	if perr != nil {
